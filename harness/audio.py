@@ -1,0 +1,113 @@
+"""Audio for the bot: a spoken prompt in μ-law, and frames tagged for matching.
+
+μ-law at 8 kHz is 8 bytes per ms and 160 bytes per 20 ms frame. The channel
+is ulaw end to end (no transcoding), so a tagged frame the bot sends comes out
+byte for byte in the RTP that Asterisk sends to the caller.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import shutil
+import subprocess
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+SAMPLE_RATE = 8000
+BYTES_PER_MS = 8
+FRAME_MS = 20
+FRAME_BYTES = FRAME_MS * BYTES_PER_MS
+
+TAG_MAGIC = 0xA5
+#: The μ-law byte for digital silence.
+ULAW_SILENCE = 0xFF
+
+
+def ms_of(nbytes: int) -> float:
+    """Duration in ms of *nbytes* of μ-law."""
+    return nbytes / BYTES_PER_MS
+
+
+def tagged_frame(index: int, size: int = FRAME_BYTES) -> bytes:
+    """A frame whose bytes identify it: magic, 24-bit index, then an index-derived fill."""
+    if not 0 <= index < 1 << 24:
+        raise ValueError(f"frame index {index} out of range")
+    if size < 4:
+        raise ValueError("a tagged frame needs at least 4 bytes")
+    head = bytes([TAG_MAGIC, (index >> 16) & 0xFF, (index >> 8) & 0xFF, index & 0xFF])
+    fill = bytes(((index * 37 + k * 11) & 0x7F) | 0x10 for k in range(size - 4))
+    return head + fill
+
+
+def tagged_frames(start: int, count: int, size: int = FRAME_BYTES) -> bytes:
+    """*count* consecutive tagged frames starting at index *start*."""
+    return b"".join(tagged_frame(i, size) for i in range(start, start + count))
+
+
+def frame_index(payload: bytes) -> int | None:
+    """The index of a tagged frame if *payload* is exactly one, else None."""
+    if len(payload) < 4 or payload[0] != TAG_MAGIC:
+        return None
+    index = (payload[1] << 16) | (payload[2] << 8) | payload[3]
+    return index if payload == tagged_frame(index, len(payload)) else None
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """A rendered prompt: μ-law bytes and how it was made."""
+
+    ulaw: bytes
+    source: str  # "espeak-ng" or "tone"
+
+    @property
+    def ms(self) -> float:
+        return ms_of(len(self.ulaw))
+
+
+def render_prompt(text: str) -> Prompt:
+    """Speak *text* with espeak-ng (via sox to 8 kHz μ-law); a tone if unavailable."""
+    espeak = shutil.which("espeak-ng")
+    sox = shutil.which("sox")
+    if espeak and sox:
+        with tempfile.TemporaryDirectory() as tmp:
+            wav = Path(tmp) / "prompt.wav"
+            raw = Path(tmp) / "prompt.ul"
+            try:
+                subprocess.run([espeak, "-s", "160", "-w", str(wav), text], check=True,
+                               capture_output=True, timeout=30)
+                subprocess.run(
+                    [sox, str(wav), "-r", str(SAMPLE_RATE), "-c", "1", "-e", "u-law",
+                     "-t", "ul", str(raw)],
+                    check=True, capture_output=True, timeout=30,
+                )
+                return Prompt(raw.read_bytes(), "espeak-ng")
+            except (subprocess.SubprocessError, OSError) as exc:
+                log.warning("espeak-ng/sox failed (%s); using a tone instead", exc)
+    else:
+        log.warning("espeak-ng or sox not installed; the prompt is a tone")
+    return Prompt(tone(440.0, 2000), "tone")
+
+
+def tone(freq: float, duration_ms: int, level: float = 0.3) -> bytes:
+    """A sine tone as μ-law."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        import audioop
+
+    n = duration_ms * SAMPLE_RATE // 1000
+    amp = int(32767 * level)
+    pcm = b"".join(
+        int(amp * math.sin(2 * math.pi * freq * i / SAMPLE_RATE)).to_bytes(2, "little", signed=True)
+        for i in range(n)
+    )
+    return audioop.lin2ulaw(pcm, 2)
+
+
+def chunks(data: bytes, size: int) -> list[bytes]:
+    """Split *data* into *size*-byte chunks (the last may be shorter)."""
+    return [data[i : i + size] for i in range(0, len(data), size)]

@@ -1,0 +1,269 @@
+"""The WebSocket bot that Asterisk dials with ``Dial(WebSocket/bot/...)``.
+
+A ``websockets`` server on a free loopback port. Each connection from
+chan_websocket becomes a :class:`BotSession`: it records every event with its
+arrival time and the caller's audio, and sends audio and commands.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+from websockets.asyncio.server import Server, ServerConnection, serve
+from websockets.exceptions import ConnectionClosed
+
+from harness.events import ControlFormat, Event, ProtocolError, format_command, parse_event
+from harness.ports import LOOPBACK
+from harness.timing import units
+
+log = logging.getLogger(__name__)
+
+#: chan_websocket's WebSocket subprotocol.
+SUBPROTOCOL = "media"
+
+
+class BotError(RuntimeError):
+    """The bot did not get what it waited for."""
+
+
+@dataclass(frozen=True)
+class ReceivedAudio:
+    """One binary message from Asterisk (the caller's audio)."""
+
+    data: bytes
+    t: float
+
+
+class BotSession:
+    """One chan_websocket connection, from MEDIA_START to close."""
+
+    def __init__(self, connection: ServerConnection) -> None:
+        self.connection = connection
+        request = connection.request
+        path = request.path if request is not None else "/"
+        self.path = path
+        self.params: dict[str, str] = {
+            k: v[-1] for k, v in parse_qs(urlsplit(path).query).items()
+        }
+        self.events: list[Event] = []
+        self.audio_in: list[ReceivedAudio] = []
+        self.protocol_errors: list[str] = []
+        self.format: ControlFormat = ControlFormat.PLAIN
+        self.closed = asyncio.Event()
+        self.close_code: int | None = None
+        self.bytes_sent = 0
+        self._changed = asyncio.Condition()
+
+    @property
+    def tag(self) -> str | None:
+        """The ``call`` URI parameter (the harness's per-call tag), if any."""
+        return self.params.get("call")
+
+    @property
+    def media_start(self) -> Event | None:
+        return next((e for e in self.events if e.name == "MEDIA_START"), None)
+
+    # --- receiving -------------------------------------------------------------------
+
+    async def _record_text(self, text: str) -> None:
+        t, mono = time.time(), time.monotonic()
+        try:
+            event = parse_event(text, t=t, mono=mono)
+        except ProtocolError as exc:
+            log.warning("bot: %s", exc)
+            self.protocol_errors.append(str(exc))
+            return
+        event = Event(
+            name=event.name,
+            fields=event.fields,
+            raw=event.raw,
+            format=event.format,
+            t=t,
+            mono=mono,
+            index=len(self.events),
+        )
+        if event.name == "MEDIA_START":
+            self.format = event.format
+        log.debug("bot: <- %s", text)
+        async with self._changed:
+            self.events.append(event)
+            self._changed.notify_all()
+
+    async def _run(self) -> None:
+        try:
+            async for message in self.connection:
+                if isinstance(message, str):
+                    await self._record_text(message)
+                else:
+                    self.audio_in.append(ReceivedAudio(bytes(message), time.time()))
+        except ConnectionClosed:
+            pass
+        finally:
+            self.close_code = self.connection.close_code
+            self.closed.set()
+            async with self._changed:
+                self._changed.notify_all()
+            log.debug("bot: session %s closed (code %s)", self.tag, self.close_code)
+
+    # --- waiting ----------------------------------------------------------------------
+
+    async def wait_for(
+        self,
+        name: str | tuple[str, ...],
+        where: Callable[[Event], bool] | None = None,
+        *,
+        after: int = -1,
+        timeout: float | None = None,
+    ) -> Event:
+        """The first event named *name* (and matching *where*) with index > *after*.
+
+        Raises BotError if the connection closes or *timeout* passes first.
+        """
+        names = (name,) if isinstance(name, str) else name
+        timeout = units(10) if timeout is None else timeout
+
+        def find() -> Event | None:
+            for event in self.events[after + 1 :]:
+                if event.name in names and (where is None or where(event)):
+                    return event
+            return None
+
+        async def wait() -> Event:
+            async with self._changed:
+                while True:
+                    found = find()
+                    if found is not None:
+                        return found
+                    if self.closed.is_set():
+                        raise BotError(
+                            f"connection closed (code {self.close_code}) before "
+                            f"{'/'.join(names)}; events: {self.event_names()}"
+                        )
+                    await self._changed.wait()
+
+        try:
+            return await asyncio.wait_for(wait(), timeout)
+        except TimeoutError:
+            raise BotError(
+                f"no {'/'.join(names)} within {timeout:.1f} s; events: {self.event_names()}"
+            ) from None
+
+    async def wait_closed(self, timeout: float | None = None) -> None:
+        timeout = units(10) if timeout is None else timeout
+        try:
+            await asyncio.wait_for(self.closed.wait(), timeout)
+        except TimeoutError:
+            raise BotError(f"connection still open after {timeout:.1f} s") from None
+
+    def event_names(self) -> list[str]:
+        return [e.name for e in self.events]
+
+    def named(self, *names: str) -> list[Event]:
+        """Every received event with one of *names*, in arrival order."""
+        return [e for e in self.events if e.name in names]
+
+    # --- sending ----------------------------------------------------------------------
+
+    async def send_audio(self, data: bytes) -> None:
+        """Send media as one binary message."""
+        await self.connection.send(data)
+        self.bytes_sent += len(data)
+
+    async def send_text(self, text: str) -> None:
+        """Send one raw TEXT message (for commands the helpers do not cover)."""
+        log.debug("bot: -> %s", text)
+        await self.connection.send(text)
+
+    async def command(self, command: str, argument: str | int | None = None, **extra: Any) -> None:
+        """Send a command in this session's control format."""
+        await self.send_text(format_command(self.format, command, argument, **extra))
+
+    async def close(self) -> None:
+        await self.connection.close()
+
+
+class BotServer:
+    """The WebSocket server; an async context manager.
+
+    ``uri`` is what websocket_client.conf points Asterisk at.
+    """
+
+    def __init__(self, host: str = LOOPBACK, port: int = 0) -> None:
+        self.host = host
+        self._port = port
+        self._server: Server | None = None
+        self._pending: dict[str | None, asyncio.Queue[BotSession]] = {}
+        self.sessions: list[BotSession] = []
+
+    @property
+    def port(self) -> int:
+        if self._server is None:
+            raise BotError("bot server is not running")
+        sockets = list(self._server.sockets)
+        port: int = sockets[0].getsockname()[1]
+        return port
+
+    @property
+    def uri(self) -> str:
+        return f"ws://{self.host}:{self.port}/media"
+
+    def _queue(self, tag: str | None) -> asyncio.Queue[BotSession]:
+        return self._pending.setdefault(tag, asyncio.Queue())
+
+    async def _handler(self, connection: ServerConnection) -> None:
+        session = BotSession(connection)
+        self.sessions.append(session)
+        log.info("bot: connection from %s (%s)", connection.remote_address, session.path)
+        self._queue(session.tag).put_nowait(session)
+        await session._run()
+
+    async def start(self) -> None:
+        self._server = await serve(
+            self._handler,
+            self.host,
+            self._port,
+            subprotocols=[SUBPROTOCOL],  # type: ignore[list-item]
+            max_size=None,
+            ping_interval=None,
+            compression=None,
+        )
+        log.info("bot: listening on %s", self.uri)
+
+    async def accept(self, tag: str | None = None, timeout: float | None = None) -> BotSession:
+        """The next session (for *tag*, if given) once its MEDIA_START arrived."""
+        timeout = units(10) if timeout is None else timeout
+        try:
+            session = await asyncio.wait_for(self._queue(tag).get(), timeout)
+        except TimeoutError:
+            raise BotError(
+                f"Asterisk did not connect to the bot (call {tag}) within {timeout:.1f} s"
+            ) from None
+        await session.wait_for("MEDIA_START", timeout=timeout)
+        return session
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            with contextlib.suppress(Exception):
+                await self._server.wait_closed()
+            self._server = None
+
+    async def __aenter__(self) -> BotServer:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.stop()

@@ -1,0 +1,39 @@
+"""Free loopback ports, chosen at start rather than fixed."""
+
+from __future__ import annotations
+
+import random
+import socket
+
+LOOPBACK = "127.0.0.1"
+
+
+def free_port(kind: int = socket.SOCK_STREAM) -> int:
+    """Return a port that was free on loopback a moment ago (bind to port 0)."""
+    with socket.socket(socket.AF_INET, kind) as s:
+        s.bind((LOOPBACK, 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def port_is_free(port: int, kind: int = socket.SOCK_STREAM) -> bool:
+    """Whether *port* can be bound on loopback now."""
+    with socket.socket(socket.AF_INET, kind) as s:
+        try:
+            s.bind((LOOPBACK, port))
+        except OSError:
+            return False
+        return True
+
+
+def free_udp_range(size: int, *, low: int = 20000, high: int = 60000, tries: int = 50) -> int:
+    """Return the even first port of *size* consecutive UDP ports that are free.
+
+    RTP uses even ports; Asterisk picks inside the range it is given.
+    """
+    rng = random.Random()
+    for _ in range(tries):
+        start = rng.randrange(low, high - size) & ~1
+        if all(port_is_free(p, socket.SOCK_DGRAM) for p in range(start, start + size)):
+            return start
+    raise OSError(f"no {size} consecutive free UDP ports on {LOOPBACK} after {tries} tries")

@@ -1,0 +1,145 @@
+"""A rig: one Asterisk, the bot server and the SIP phone, and calls through them.
+
+``Rig.call()`` places a real SIP call to the extension that dials the bot,
+waits for the bot's WebSocket session and the caller's media, starts the RTP
+capture of what Asterisk sends to the caller and yields a :class:`LiveCall`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+
+from harness.asterisk import Asterisk
+from harness.bot import BotServer, BotSession
+from harness.caller import SipCall, SipPhone
+from harness.capture import RtpCapture, RtpPacket
+from harness.config import BOT_EXTENSION, OPTIONS_HEADER
+from harness.events import ControlFormat
+from harness.ports import LOOPBACK
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LiveCall:
+    """One call in progress: the bot's session, the SIP call and the capture."""
+
+    tag: str
+    session: BotSession
+    sip: SipCall
+    capture: RtpCapture | None
+    started: float = field(default_factory=time.time)
+    packets: list[RtpPacket] = field(default_factory=list)
+
+    async def stop_capture(self) -> list[RtpPacket]:
+        """Stop the capture (if any) and return the RTP sent to the caller."""
+        if self.capture is not None:
+            self.packets = await self.capture.stop()
+        return self.packets
+
+
+class Rig:
+    """Asterisk + bot server + SIP phone; an async context manager."""
+
+    def __init__(
+        self,
+        install: Path,
+        workdir: Path,
+        *,
+        phone: SipPhone | None = None,
+        name: str = "asterisk",
+    ) -> None:
+        self.install = install
+        self.workdir = workdir
+        self.name = name
+        self.bot = BotServer()
+        self.asterisk: Asterisk | None = None
+        self._own_phone = phone is None
+        self.phone = phone or SipPhone(workdir / "pjsua2")
+        self.calls: list[LiveCall] = []
+
+    async def start(self) -> None:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        await self.bot.start()
+        self.asterisk = Asterisk(self.install, self.bot.uri, name=self.name)
+        await self.asterisk.start()
+        if self._own_phone:
+            await self.phone.start()
+
+    async def stop(self) -> None:
+        try:
+            if self._own_phone:
+                await self.phone.stop()
+            if self.asterisk is not None:
+                await self.asterisk.stop()
+        finally:
+            await self.bot.stop()
+
+    def describe_logs(self) -> str:
+        parts = []
+        if self.asterisk is not None:
+            parts.append(self.asterisk.describe_logs())
+        return "\n".join(parts)
+
+    @contextlib.asynccontextmanager
+    async def call(
+        self,
+        *,
+        control_format: ControlFormat = ControlFormat.PLAIN,
+        options: str = "",
+        codec: str = "ulaw",
+        capture: bool = True,
+        pcap: Path | None = None,
+        record: Path | None = None,
+    ) -> AsyncIterator[LiveCall]:
+        """Place a call into the bot and yield it once media flows."""
+        assert self.asterisk is not None, "rig not started"
+        tag = uuid.uuid4().hex[:12]
+        dial_options = f"c({codec}){control_format.dial_option}v(call={tag}){options}"
+        uri = f"sip:{BOT_EXTENSION}@{LOOPBACK}:{self.asterisk.sip_port}"
+        log.info("rig: call %s -> %s with WebSocket options %s", tag, uri, dial_options)
+        sip = await self.phone.call(
+            uri, tag=tag, headers={OPTIONS_HEADER: dial_options}, record_to=record
+        )
+        live: LiveCall | None = None
+        try:
+            session = await self.bot.accept(tag)
+            await sip.wait_media()
+            cap = None
+            if capture:
+                assert sip.record.local_rtp is not None
+                cap = RtpCapture.to_port(sip.record.local_rtp[1], pcap=pcap)
+                await cap.start()
+            live = LiveCall(tag=tag, session=session, sip=sip, capture=cap)
+            self.calls.append(live)
+            yield live
+        finally:
+            if live is not None:
+                await live.stop_capture()
+            with contextlib.suppress(Exception):
+                await sip.hangup()
+            with contextlib.suppress(Exception):
+                await sip.wait_disconnected()
+
+    async def __aenter__(self) -> Rig:
+        try:
+            await self.start()
+        except BaseException:
+            await self.stop()
+            raise
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.stop()

@@ -1,0 +1,405 @@
+#!/usr/bin/env bash
+# Build Asterisk from Debian's pinned source package, with (or without) the
+# patch series in asterisk-patch/, and install it into a cached prefix.
+#
+# The one build recipe of the project: the Makefile and docker/Dockerfile both
+# call this script.
+#
+#   asterisk-build.sh fetch           download the pinned source into the cache
+#   asterisk-build.sh check-patches   apply the series to a pristine tree, no build
+#   asterisk-build.sh build           build with the series -> build/asterisk
+#   asterisk-build.sh build-upstream  build without it     -> build/asterisk-upstream
+#   asterisk-build.sh devcheck        compile chan_websocket.c with dev-mode flags
+#   asterisk-build.sh key [upstream]  print the cache key of a build
+#
+# Environment:
+#   ASTERISK_MARKS_CACHE   cache directory (default ~/.cache/asterisk-marks)
+#   ASTERISK_BUILD_JOBS    parallel make jobs (default: number of cores)
+#   ASTERISK_SANITIZE      "address" builds with AddressSanitizer (own cache key)
+#   ASTERISK_INSTALL_LINK  where to link the install (default build/ in the checkout)
+#   ASTERISK_DESTDIR       install here too (a plain copy; used by docker/)
+set -euo pipefail
+
+# The pinned source: Debian unstable's asterisk source package.
+readonly DEB_PACKAGE=asterisk
+readonly DEB_VERSION='1:22.10.1+dfsg+~cs6.17.60671434-1'
+readonly DEB_SUITE=unstable
+readonly DEB_MIRROR=http://deb.debian.org/debian
+readonly DSC_SHA256=8799652c4e2fc4bb4d6610b0f7144a9945bcff847d0185fb10fca20de0533eb2
+# Nominal install prefix compiled into the binary. The harness always passes
+# its own asterisk.conf, so where the tree is really installed does not matter.
+readonly PREFIX=/opt/asterisk-marks
+
+# Modules the harness needs; everything else is left out to keep builds short.
+readonly MODULES=(
+	app_dial app_echo pbx_config
+	bridge_simple bridge_native_rtp bridge_builtin_features
+	chan_pjsip chan_websocket
+	codec_ulaw codec_alaw
+	func_channel func_strings
+	res_http_websocket res_websocket_client res_timing_timerfd
+	res_pjproject res_pjsip res_pjsip_session res_pjsip_sdp_rtp
+	res_pjsip_endpoint_identifier_user res_pjsip_endpoint_identifier_ip
+	res_pjsip_header_funcs res_pjsip_logger res_pjsip_authenticator_digest
+	res_pjsip_caller_id res_pjsip_pubsub res_pjsip_outbound_authenticator_digest
+	res_rtp_asterisk res_sorcery_config res_sorcery_memory res_sorcery_astdb
+	res_sorcery_realtime res_crypto res_http_media_cache res_format_attr_opus
+)
+readonly CONFIGURE_FLAGS=(
+	--prefix="$PREFIX"
+	--with-pjproject-bundled
+	--without-dahdi --without-pri --without-ss7 --without-openr2
+	--without-sdl --without-jack --without-portaudio --without-bluetooth
+)
+
+top=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cache=${ASTERISK_MARKS_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/asterisk-marks}
+jobs=${ASTERISK_BUILD_JOBS:-$(nproc)}
+sanitize=${ASTERISK_SANITIZE:-}
+link_dir=${ASTERISK_INSTALL_LINK:-$top/build}
+patch_dir=$top/asterisk-patch
+series=$patch_dir/series
+started=$SECONDS
+
+log() {
+	local t=$((SECONDS - started))
+	printf '[asterisk-build %02d:%02d] %s\n' $((t / 60)) $((t % 60)) "$*" >&2
+}
+
+die() {
+	printf 'asterisk-build: error: %s\n' "$*" >&2
+	exit 1
+}
+
+need_tools() {
+	local missing=() tool
+	for tool in "$@"; do
+		command -v "$tool" >/dev/null 2>&1 || missing+=("$tool")
+	done
+	[ ${#missing[@]} -eq 0 ] && return 0
+	die "missing tools: ${missing[*]}. Run 'make setup' (as root) or install them:" \
+		"apt-get install build-essential dpkg-dev git bzip2 patch xz-utils" \
+		"libedit-dev libjansson-dev libxml2-dev libsqlite3-dev uuid-dev libssl-dev" \
+		"libncurses-dev pkg-config"
+}
+
+# The patch files named by the series, in order.
+series_patches() {
+	[ -f "$series" ] || die "no series file at $series"
+	sed -e 's/#.*//' -e 's/[[:space:]]*$//' -e '/^$/d' "$series"
+}
+
+# Cache key: the pinned version, the build recipe, the options and, unless
+# building upstream, the content of every patch in the series.
+build_key() {
+	local flavour=$1
+	{
+		echo "$DEB_VERSION"
+		echo "flavour=$flavour sanitize=$sanitize"
+		echo "${CONFIGURE_FLAGS[*]}"
+		echo "${MODULES[*]}"
+		sha256sum "$top/scripts/asterisk-build.sh" | cut -d' ' -f1
+		if [ "$flavour" = patched ]; then
+			local p
+			while read -r p; do
+				echo "$p"
+				sha256sum "$patch_dir/$p" | cut -d' ' -f1
+			done < <(series_patches)
+		fi
+	} | sha256sum | cut -c1-16
+}
+
+# --- source ------------------------------------------------------------------
+
+apt_env() {
+	local aptdir=$cache/apt
+	mkdir -p "$aptdir/lists/partial" "$aptdir/archives/partial"
+	cat > "$aptdir/sources.list" <<-EOF
+	deb-src [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] $DEB_MIRROR $DEB_SUITE main
+	EOF
+	cat > "$aptdir/apt.conf" <<-EOF
+	Dir::Etc::SourceList "$aptdir/sources.list";
+	Dir::Etc::SourceParts "/dev/null";
+	Dir::State::Lists "$aptdir/lists";
+	Dir::Cache "$aptdir";
+	Dir::Cache::archives "$aptdir/archives";
+	APT::Sandbox::User "root";
+	EOF
+	export APT_CONFIG=$aptdir/apt.conf
+}
+
+fetch() {
+	local dl=$cache/source/${DEB_VERSION//:/_}
+	local dsc_name=${DEB_PACKAGE}_${DEB_VERSION#*:}.dsc
+	if [ -f "$dl/.complete" ]; then
+		echo "$dl/$dsc_name"
+		return 0
+	fi
+	need_tools apt-get apt-cache dpkg-source sha256sum
+	[ -r /usr/share/keyrings/debian-archive-keyring.gpg ] \
+		|| die "Debian's archive keyring is missing: apt-get install debian-archive-keyring"
+	apt_env
+	log "fetch: reading Debian $DEB_SUITE's source index"
+	if ! apt-get -q update >"$cache/apt/update.log" 2>&1; then
+		cat "$cache/apt/update.log" >&2
+		die "cannot reach Debian's archive ($DEB_MIRROR $DEB_SUITE); check the" \
+			"network or proxy settings, then run again"
+	fi
+	local served
+	served=$(apt-cache showsrc "$DEB_PACKAGE" 2>/dev/null | sed -n 's/^Version: //p' | sort -u)
+	if ! grep -qxF "$DEB_VERSION" <<<"$served"; then
+		die "Debian $DEB_SUITE no longer serves $DEB_PACKAGE $DEB_VERSION; it serves" \
+			"${served:-nothing}. Update DEB_VERSION (and DSC_SHA256) in" \
+			"scripts/asterisk-build.sh and check that the patch series still applies."
+	fi
+	rm -rf "$dl.tmp"
+	mkdir -p "$dl.tmp"
+	log "fetch: downloading $DEB_PACKAGE $DEB_VERSION"
+	(cd "$dl.tmp" && apt-get -q source --download-only "$DEB_PACKAGE=$DEB_VERSION") \
+		>"$cache/apt/source.log" 2>&1 || {
+		cat "$cache/apt/source.log" >&2
+		die "apt-get source failed"
+	}
+	echo "$DSC_SHA256  $dl.tmp/$dsc_name" | sha256sum --quiet -c - \
+		|| die "checksum mismatch for $dsc_name (expected sha256 $DSC_SHA256)"
+	touch "$dl.tmp/.complete"
+	rm -rf "$dl"
+	mv "$dl.tmp" "$dl"
+	echo "$dl/$dsc_name"
+}
+
+# Unpack the pinned source (Debian's patches applied) into $1, with the
+# bundled pjproject prepared the way debian/rules does it.
+unpack() {
+	local dest=$1 dsc
+	dsc=$(fetch)
+	rm -rf "$dest"
+	log "unpack: dpkg-source -x (applies Debian's patches)"
+	# The .dsc's own checksum was verified at download; gpgv's note about
+	# the uploader's key is noise here.
+	dpkg-source -q -x "$dsc" "$dest" >/dev/null 2>&1 \
+		|| dpkg-source -x "$dsc" "$dest" || die "dpkg-source -x failed"
+	local pjver
+	pjver=$(
+		cd "$dest/Xpjproject" && grep -Po '^export PJ_VERSION_(MAJOR|MINOR|REV)\s+:=\s+\K\d+' version.mak \
+			| paste -sd.
+	)
+	[ -n "$pjver" ] || die "cannot read the pjproject version from Xpjproject/version.mak"
+	local pjdir=$dest/debian/build-pjproject
+	mkdir -p "$pjdir"
+	ln -s ../../Xpjproject "$pjdir/pjproject-$pjver"
+	(cd "$pjdir" && tar --create --dereference "pjproject-$pjver" | bzip2 --fast > "pjproject-$pjver.tar.bz2")
+	(cd "$pjdir" && md5sum "pjproject-$pjver.tar.bz2") > "$dest/third-party/pjproject/pjproject-$pjver.tar.bz2.md5"
+	rm "$pjdir/pjproject-$pjver"
+}
+
+# Apply the series to the tree in $1; on failure name the patch and the hunk.
+apply_series() {
+	local tree=$1 p n=0
+	while read -r p; do
+		n=$((n + 1))
+		[ -f "$patch_dir/$p" ] || die "series names $p, which is not in asterisk-patch/"
+		local out
+		if ! out=$(cd "$tree" && git apply --check --verbose "$patch_dir/$p" 2>&1); then
+			printf '%s\n' "$out" | sed -n '/^error/,$p' >&2
+			local hunk
+			hunk=$(printf '%s\n' "$out" | grep -m1 '^error: patch failed:' \
+				| sed 's/^error: patch failed: //')
+			die "patch $n ($p) does not apply${hunk:+: hunk at $hunk fails}"
+		fi
+		# --index, so that a later reset to pristine also removes new files.
+		(cd "$tree" && git apply --index "$patch_dir/$p")
+		log "patch: applied $p"
+	done < <(series_patches)
+	return 0
+}
+
+check_patches() {
+	need_tools git dpkg-source
+	local tmp
+	tmp=$(mktemp -d)
+	trap 'rm -rf "$tmp"' RETURN
+	# Only the files the patches touch are needed; unpacking is quick anyway.
+	unpack "$tmp/src"
+	(cd "$tmp/src" && git init -q . && git add -A >/dev/null && git -c user.name=b -c user.email=b@b commit -qm pristine)
+	apply_series "$tmp/src"
+	log "check-patches: the series ($(series_patches | wc -l) patches) applies cleanly"
+}
+
+# --- build -------------------------------------------------------------------
+
+# The build tree is shared by every build flavour with the same options; it is
+# a git repository whose first commit is the pristine source, so switching the
+# patch series resets only the files that change and the build stays
+# incremental.
+tree_dir() {
+	echo "$cache/tree-$(echo "$DEB_VERSION ${CONFIGURE_FLAGS[*]} ${MODULES[*]} $sanitize" | sha256sum | cut -c1-12)"
+}
+
+prepare_tree() {
+	local tree=$1
+	if [ ! -f "$tree/.astmarks-configured" ]; then
+		rm -rf "$tree"
+		unpack "$tree"
+		log "tree: recording the pristine source"
+		(cd "$tree" && git init -q . && git add -A >/dev/null \
+			&& git -c user.name=build -c user.email=build@localhost commit -qm pristine \
+			&& git tag pristine)
+		configure_tree "$tree"
+		touch "$tree/.astmarks-configured"
+	fi
+}
+
+configure_tree() {
+	local tree=$1 cflags='' ldflags=''
+	if [ "$sanitize" = address ]; then
+		cflags='-fsanitize=address -fno-omit-frame-pointer'
+		ldflags='-fsanitize=address'
+	fi
+	mkdir -p "$cache/externals"
+	log "configure: ./configure ${CONFIGURE_FLAGS[*]} (about a minute)"
+	(cd "$tree" && CFLAGS="$cflags" LDFLAGS="$ldflags" \
+		./configure "${CONFIGURE_FLAGS[@]}" --with-externals-cache="$tree/debian/build-pjproject") \
+		>"$tree/configure.out" 2>&1 || {
+		tail -n 40 "$tree/configure.out" >&2
+		die "configure failed; the whole log is $tree/configure.out"
+	}
+	log "menuselect: selecting ${#MODULES[@]} modules"
+	(
+		cd "$tree"
+		make -s menuselect.makeopts >"$tree/menuselect.out" 2>&1
+		local cat
+		for cat in MENUSELECT_ADDONS MENUSELECT_APPS MENUSELECT_BRIDGES MENUSELECT_CDR \
+			MENUSELECT_CEL MENUSELECT_CHANNELS MENUSELECT_CODECS MENUSELECT_FORMATS \
+			MENUSELECT_FUNCS MENUSELECT_PBX MENUSELECT_RES MENUSELECT_TESTS \
+			MENUSELECT_UTILS MENUSELECT_AGIS MENUSELECT_CORE_SOUNDS MENUSELECT_MOH \
+			MENUSELECT_EXTRA_SOUNDS; do
+			menuselect/menuselect --disable-category "$cat" menuselect.makeopts
+		done
+		menuselect/menuselect --disable BUILD_NATIVE menuselect.makeopts
+		if [ "$sanitize" = address ]; then
+			menuselect/menuselect --enable DONT_OPTIMIZE menuselect.makeopts
+		fi
+		local m
+		for m in "${MODULES[@]}"; do
+			menuselect/menuselect --enable "$m" menuselect.makeopts
+		done
+		menuselect/menuselect --check-deps menuselect.makeopts
+	) >>"$tree/menuselect.out" 2>&1 || {
+		tail -n 40 "$tree/menuselect.out" >&2
+		die "menuselect failed; see $tree/menuselect.out"
+	}
+}
+
+# Reset the tree to pristine and apply the series (when patched).
+select_flavour() {
+	local tree=$1 flavour=$2
+	# Tracked files only: configure's and make's outputs are untracked and stay.
+	(cd "$tree" && git reset -q --hard pristine)
+	if [ "$flavour" = patched ]; then
+		apply_series "$tree"
+	fi
+}
+
+# Run make with its output in a log, printing progress while it runs.
+run_make() {
+	local tree=$1 what=$2
+	shift 2
+	local logf=$tree/make-$what.out
+	(cd "$tree" && make -j"$jobs" "$@") >"$logf" 2>&1 &
+	local pid=$! t0=$SECONDS last=''
+	while kill -0 "$pid" 2>/dev/null; do
+		sleep 2
+		if [ $(((SECONDS - t0) % 20)) -lt 2 ] && [ $((SECONDS - t0)) -ge 2 ]; then
+			last=$(grep -Eo '\[(CC|LD|CXX)\][^>]*' "$logf" 2>/dev/null | tail -n1 | sed 's/  */ /g' || true)
+			log "$what: still running (${last:-starting}, $(wc -l <"$logf") log lines)"
+		fi
+	done
+	if ! wait "$pid"; then
+		grep -n -B5 -A5 -E 'error:|Error [0-9]' "$logf" | tail -n 60 >&2 || tail -n 60 "$logf" >&2
+		die "make $what failed; the whole log is $logf"
+	fi
+}
+
+build() {
+	local flavour=$1
+	local key name
+	key=$(build_key "$flavour")
+	name=asterisk
+	[ "$flavour" = upstream ] && name=asterisk-upstream
+	[ -n "$sanitize" ] && name=$name-$sanitize
+	local inst=$cache/installs/$key
+	if [ -f "$inst/.complete" ]; then
+		log "build: $name is cached ($key), nothing to build"
+	else
+		need_tools gcc g++ make git dpkg-source bzip2 patch pkg-config
+		exec 9>"$cache/build.lock"
+		flock -w 3600 9 || die "another build holds $cache/build.lock"
+		local tree
+		tree=$(tree_dir)
+		prepare_tree "$tree"
+		select_flavour "$tree" "$flavour"
+		log "make: building $name (a first build takes about 7 minutes on 2 cores)"
+		run_make "$tree" build NOISY_BUILD=
+		rm -rf "$inst.tmp"
+		log "install: into the cache ($key)"
+		run_make "$tree" install install DESTDIR="$inst.tmp" NOISY_BUILD=
+		# The configured prefix under DESTDIR is the install root we use.
+		printf '%s\n' "$DEB_VERSION" > "$inst.tmp$PREFIX/VERSION"
+		series_patches > "$inst.tmp$PREFIX/SERIES" || true
+		[ "$flavour" = upstream ] && : > "$inst.tmp$PREFIX/SERIES"
+		touch "$inst.tmp/.complete"
+		rm -rf "$inst"
+		mv "$inst.tmp" "$inst"
+		exec 9>&-
+	fi
+	mkdir -p "$link_dir"
+	ln -sfn "$inst$PREFIX" "$link_dir/$name.new"
+	mv -T "$link_dir/$name.new" "$link_dir/$name"
+	if [ -n "${ASTERISK_DESTDIR:-}" ]; then
+		mkdir -p "$ASTERISK_DESTDIR"
+		cp -a "$inst$PREFIX/." "$ASTERISK_DESTDIR/"
+	fi
+	log "build: $link_dir/$name -> $inst$PREFIX"
+}
+
+# Compile the patched chan_websocket.c with the flags of --enable-dev-mode
+# (warnings are errors) in the patched tree, without touching the install.
+devcheck() {
+	local tree
+	tree=$(tree_dir)
+	[ -f "$tree/.astmarks-configured" ] || build patched
+	exec 9>"$cache/build.lock"
+	flock -w 3600 9 || die "another build holds $cache/build.lock"
+	select_flavour "$tree" patched
+	rm -f "$tree/channels/chan_websocket.o" "$tree/channels/chan_websocket.so"
+	log "devcheck: compiling channels/chan_websocket.c with dev-mode flags (-Werror)"
+	local rc=0
+	(cd "$tree" && make channels AST_DEVMODE=yes ASTCFLAGS=-DAST_DEVMODE=1 NOISY_BUILD=yes) \
+		>"$tree/make-devcheck.out" 2>&1 || rc=$?
+	# Leave no dev-mode object behind for the normal build to pick up.
+	rm -f "$tree/channels/chan_websocket.o" "$tree/channels/chan_websocket.so"
+	if [ $rc -ne 0 ]; then
+		grep -E 'warning|error' "$tree/make-devcheck.out" >&2 || tail -n 40 "$tree/make-devcheck.out" >&2
+		die "chan_websocket.c does not compile cleanly in dev mode; see $tree/make-devcheck.out"
+	fi
+	grep -q -- '-Werror' "$tree/make-devcheck.out" \
+		|| die "devcheck did not compile with -Werror; see $tree/make-devcheck.out"
+	log "devcheck: chan_websocket.c compiles cleanly with -Werror and dev-mode warnings"
+}
+
+main() {
+	mkdir -p "$cache"
+	local cmd=${1:-build}
+	case "$cmd" in
+	fetch) fetch >/dev/null; log "fetch: $DEB_PACKAGE $DEB_VERSION is in $cache/source" ;;
+	check-patches) check_patches ;;
+	build) build patched ;;
+	build-upstream) build upstream ;;
+	devcheck) devcheck ;;
+	key) build_key "${2:-patched}" ;;
+	*) die "unknown command '$cmd' (fetch, check-patches, build, build-upstream, devcheck, key)" ;;
+	esac
+}
+
+main "$@"
