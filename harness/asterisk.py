@@ -75,6 +75,7 @@ class Asterisk:
         control_format: str = "plain-text",
         sip_port: int | None = None,
         debug: int | None = None,
+        required: tuple[str, ...] = (),
         name: str = "asterisk",
     ) -> None:
         self.name = name
@@ -95,6 +96,7 @@ class Asterisk:
             bot_uri=bot_uri,
             control_format=control_format,
             debug=debug,
+            required=required,
         )
         self.process: asyncio.subprocess.Process | None = None
         self._console: Path = self.sandbox / "console.log"
@@ -165,10 +167,12 @@ class Asterisk:
         self.started_at = time.monotonic()
         try:
             await self._wait_booted(timeout)
+            await self._check_listening()
+        except AsteriskError as exc:
+            raise await self._startup_failure(exc) from None
         except BaseException:
             await self.stop()
             raise
-        await self._check_listening()
         log.info(
             "%s: fully booted in %.2f s (pid %d, SIP %d)",
             self.name,
@@ -176,6 +180,20 @@ class Asterisk:
             self.process.pid,
             self.sip_port,
         )
+
+    async def _startup_failure(self, exc: AsteriskError) -> AsteriskError:
+        """Stop a failed start; prefer the exit status and logs as the reason."""
+        proc = self.process
+        assert proc is not None
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(proc.wait(), units(1))
+        if proc.returncode is not None and "exited with status" not in str(exc):
+            exc = AsteriskError(
+                f"{self.name} exited with status {proc.returncode} while starting\n"
+                f"{self.describe_logs()}"
+            )
+        await self.stop()
+        return exc
 
     async def _wait_booted(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout

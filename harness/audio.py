@@ -78,12 +78,29 @@ def render_prompt(text: str) -> Prompt:
             wav = Path(tmp) / "prompt.wav"
             raw = Path(tmp) / "prompt.ul"
             try:
-                subprocess.run([espeak, "-s", "160", "-w", str(wav), text], check=True,
-                               capture_output=True, timeout=30)
                 subprocess.run(
-                    [sox, str(wav), "-r", str(SAMPLE_RATE), "-c", "1", "-e", "u-law",
-                     "-t", "ul", str(raw)],
-                    check=True, capture_output=True, timeout=30,
+                    [espeak, "-s", "160", "-w", str(wav), text],
+                    check=True,
+                    capture_output=True,
+                    timeout=30,
+                )
+                subprocess.run(
+                    [
+                        sox,
+                        str(wav),
+                        "-r",
+                        str(SAMPLE_RATE),
+                        "-c",
+                        "1",
+                        "-e",
+                        "u-law",
+                        "-t",
+                        "ul",
+                        str(raw),
+                    ],
+                    check=True,
+                    capture_output=True,
+                    timeout=30,
                 )
                 return Prompt(raw.read_bytes(), "espeak-ng")
             except (subprocess.SubprocessError, OSError) as exc:
@@ -106,6 +123,12 @@ def tone(freq: float, duration_ms: int, level: float = 0.3) -> bytes:
         for i in range(n)
     )
     return audioop.lin2ulaw(pcm, 2)
+
+
+def pad_to_frames(data: bytes, frame_bytes: int = FRAME_BYTES) -> bytes:
+    """*data* padded with μ-law silence to a whole number of frames."""
+    short = -len(data) % frame_bytes
+    return data + bytes([ULAW_SILENCE]) * short
 
 
 def chunks(data: bytes, size: int) -> list[bytes]:

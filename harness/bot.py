@@ -50,9 +50,7 @@ class BotSession:
         request = connection.request
         path = request.path if request is not None else "/"
         self.path = path
-        self.params: dict[str, str] = {
-            k: v[-1] for k, v in parse_qs(urlsplit(path).query).items()
-        }
+        self.params: dict[str, str] = {k: v[-1] for k, v in parse_qs(urlsplit(path).query).items()}
         self.events: list[Event] = []
         self.audio_in: list[ReceivedAudio] = []
         self.protocol_errors: list[str] = []
@@ -155,6 +153,16 @@ class BotSession:
             raise BotError(
                 f"no {'/'.join(names)} within {timeout:.1f} s; events: {self.event_names()}"
             ) from None
+
+    async def wait_mark(
+        self,
+        mark_id: str,
+        names: tuple[str, ...] = ("MARK_PLAYED", "MEDIA_MARK_PROCESSED"),
+        *,
+        timeout: float | None = None,
+    ) -> Event:
+        """The acknowledgment (any of *names*) of the mark *mark_id*."""
+        return await self.wait_for(names, lambda e: e.mark_id == mark_id, timeout=timeout)
 
     async def wait_closed(self, timeout: float | None = None) -> None:
         timeout = units(10) if timeout is None else timeout

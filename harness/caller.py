@@ -14,10 +14,12 @@ import concurrent.futures
 import contextlib
 import gc
 import logging
+import os
 import queue
+import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -92,7 +94,12 @@ class SipCall:
     async def wait_media(self, timeout: float | None = None) -> None:
         """Wait until the call is confirmed and its audio is flowing."""
         timeout = units(15) if timeout is None else timeout
-        waiter = asyncio.gather(self.confirmed, self.media_active)
+
+        async def both() -> None:
+            await self.confirmed
+            await self.media_active
+
+        waiter = asyncio.ensure_future(both())
         done, _ = await asyncio.wait(
             {waiter, self.disconnected}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
         )
@@ -144,6 +151,21 @@ class SipCall:
             self.record.rx_bytes = int(stat.rtcp.rxStat.bytes)
 
 
+@contextlib.contextmanager
+def _stdout_silenced() -> Iterator[None]:
+    """Point file descriptor 1 at /dev/null for the duration."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 1)
+        yield
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
+        os.close(devnull)
+
+
 class SipPhone:
     """The process's one pjsua2 Endpoint, in a worker thread; async context manager."""
 
@@ -193,7 +215,8 @@ class SipPhone:
         pj = self.pj = _import_pjsua2()
         self.workdir.mkdir(parents=True, exist_ok=True)
         ep = self._ep = pj.Endpoint()
-        ep.libCreate()
+        with _stdout_silenced():  # pjlib prints its banner before logging is set up
+            ep.libCreate()
         cfg = pj.EpConfig()
         cfg.uaConfig.threadCnt = 0
         cfg.uaConfig.mainThreadOnly = False

@@ -121,8 +121,16 @@ class RtpCapture:
     is written to *pcap* if given.
     """
 
-    def __init__(self, bpf: str, *, pcap: Path | None = None, iface: str = LOOPBACK_IFACE):
+    def __init__(
+        self,
+        bpf: str,
+        *,
+        pcap: Path | None = None,
+        iface: str = LOOPBACK_IFACE,
+        linger: float = 0.3,
+    ) -> None:
         self.bpf = bpf
+        self.linger = linger
         self.pcap = pcap
         self.iface = iface
         self._sniffer: Any = None
@@ -153,6 +161,8 @@ class RtpCapture:
     async def stop(self) -> list[RtpPacket]:
         if self._sniffer is None:
             return self.packets
+        # libpcap hands packets over in batches: let the last ones through.
+        await asyncio.sleep(self.linger)
         sniffer, self._sniffer = self._sniffer, None
         raw = await asyncio.to_thread(sniffer.stop)
         self.raw_count = len(raw)

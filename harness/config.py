@@ -61,6 +61,8 @@ class AsteriskSettings:
     control_format: str = "plain-text"
     debug: int = 0
     extra_modules: tuple[str, ...] = field(default_factory=tuple)
+    #: Modules Asterisk must load or refuse to start (``require =>``).
+    required: tuple[str, ...] = field(default_factory=tuple)
 
     @property
     def etc(self) -> Path:
@@ -116,7 +118,10 @@ dateformat = %F %T.%3q
 messages.log => notice,warning,error,verbose,debug
 console => notice,warning,error
 """
-    modules = "\n".join(f"load => {m}" for m in (*MODULES, *s.extra_modules))
+    modules = "\n".join(
+        [f"load => {m}" for m in (*MODULES, *s.extra_modules)]
+        + [f"require => {m}" for m in s.required]
+    )
     files["modules.conf"] = f"""\
 [modules]
 autoload = no

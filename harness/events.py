@@ -70,12 +70,12 @@ class Event:
     def get(self, key: str, default: Any = None) -> Any:
         return self.fields.get(key, default)
 
-    def str(self, key: str) -> str:
+    def get_str(self, key: str) -> str:
         """A field as a string; KeyError if absent."""
         value = self.fields[key]
         return value if isinstance(value, str) else json.dumps(value)
 
-    def int(self, key: str) -> int:
+    def get_int(self, key: str) -> int:
         """A field as an integer; KeyError if absent, ProtocolError if not a number."""
         value = self.fields[key]
         if isinstance(value, bool):
@@ -87,7 +87,7 @@ class Event:
         except ValueError as exc:
             raise ProtocolError(f"{self.name}: {key}={value!r} is not an integer") from exc
 
-    def bool(self, key: str) -> bool:
+    def get_bool(self, key: str) -> bool:
         value = self.fields[key]
         if isinstance(value, bool):
             return value
@@ -103,7 +103,7 @@ class Event:
         """The mark id of a mark event, whichever generation of the protocol."""
         for key in ("id", "correlation_id"):
             if key in self.fields:
-                return self.str(key)
+                return self.get_str(key)
         return None
 
 

@@ -18,6 +18,7 @@
 #   ASTERISK_SANITIZE      "address" builds with AddressSanitizer (own cache key)
 #   ASTERISK_INSTALL_LINK  where to link the install (default build/ in the checkout)
 #   ASTERISK_DESTDIR       install here too (a plain copy; used by docker/)
+#   ASTERISK_PATCH_DIR     the patch series directory (default asterisk-patch/)
 set -euo pipefail
 
 # The pinned source: Debian unstable's asterisk source package.
@@ -57,7 +58,7 @@ cache=${ASTERISK_MARKS_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/asterisk-marks}
 jobs=${ASTERISK_BUILD_JOBS:-$(nproc)}
 sanitize=${ASTERISK_SANITIZE:-}
 link_dir=${ASTERISK_INSTALL_LINK:-$top/build}
-patch_dir=$top/asterisk-patch
+patch_dir=${ASTERISK_PATCH_DIR:-$top/asterisk-patch}
 series=$patch_dir/series
 started=$SECONDS
 
@@ -175,10 +176,13 @@ unpack() {
 	dsc=$(fetch)
 	rm -rf "$dest"
 	log "unpack: dpkg-source -x (applies Debian's patches)"
-	# The .dsc's own checksum was verified at download; gpgv's note about
-	# the uploader's key is noise here.
-	dpkg-source -q -x "$dsc" "$dest" >/dev/null 2>&1 \
-		|| dpkg-source -x "$dsc" "$dest" || die "dpkg-source -x failed"
+	# The .dsc's checksum was verified at download; gpgv's note that it
+	# lacks the uploader's key is noise, so the output goes to a log.
+	local unpack_log=$cache/unpack.log
+	dpkg-source -x "$dsc" "$dest" >"$unpack_log" 2>&1 || {
+		cat "$unpack_log" >&2
+		die "dpkg-source -x $dsc failed"
+	}
 	local pjver
 	pjver=$(
 		cd "$dest/Xpjproject" && grep -Po '^export PJ_VERSION_(MAJOR|MINOR|REV)\s+:=\s+\K\d+' version.mak \
@@ -216,13 +220,14 @@ apply_series() {
 
 check_patches() {
 	need_tools git dpkg-source
-	local tmp
+	local tmp rc=0
 	tmp=$(mktemp -d)
-	trap 'rm -rf "$tmp"' RETURN
-	# Only the files the patches touch are needed; unpacking is quick anyway.
 	unpack "$tmp/src"
-	(cd "$tmp/src" && git init -q . && git add -A >/dev/null && git -c user.name=b -c user.email=b@b commit -qm pristine)
-	apply_series "$tmp/src"
+	(cd "$tmp/src" && git init -q . && git add -A >/dev/null \
+		&& git -c user.name=check -c user.email=check@localhost commit -qm pristine)
+	(apply_series "$tmp/src") || rc=$?
+	rm -rf "$tmp"
+	[ $rc -eq 0 ] || exit $rc
 	log "check-patches: the series ($(series_patches | wc -l) patches) applies cleanly"
 }
 
@@ -307,12 +312,14 @@ run_make() {
 	shift 2
 	local logf=$tree/make-$what.out
 	(cd "$tree" && make -j"$jobs" "$@") >"$logf" 2>&1 &
-	local pid=$! t0=$SECONDS last=''
+	local pid=$! next=$((SECONDS + 15)) last=''
 	while kill -0 "$pid" 2>/dev/null; do
-		sleep 2
-		if [ $(((SECONDS - t0) % 20)) -lt 2 ] && [ $((SECONDS - t0)) -ge 2 ]; then
-			last=$(grep -Eo '\[(CC|LD|CXX)\][^>]*' "$logf" 2>/dev/null | tail -n1 | sed 's/  */ /g' || true)
-			log "$what: still running (${last:-starting}, $(wc -l <"$logf") log lines)"
+		sleep 1
+		if [ $SECONDS -ge $next ]; then
+			next=$((SECONDS + 15))
+			last=$(grep -Eo '\[(CC|LD|CXX)\][^>]*|Compiling [^ ]+' "$logf" 2>/dev/null \
+				| tail -n1 | sed 's/  */ /g' || true)
+			log "$what: still running (${last:-starting}; $(wc -l <"$logf") log lines)"
 		fi
 	done
 	if ! wait "$pid"; then
@@ -346,8 +353,11 @@ build() {
 		run_make "$tree" install install DESTDIR="$inst.tmp" NOISY_BUILD=
 		# The configured prefix under DESTDIR is the install root we use.
 		printf '%s\n' "$DEB_VERSION" > "$inst.tmp$PREFIX/VERSION"
-		series_patches > "$inst.tmp$PREFIX/SERIES" || true
-		[ "$flavour" = upstream ] && : > "$inst.tmp$PREFIX/SERIES"
+		if [ "$flavour" = patched ]; then
+			series_patches > "$inst.tmp$PREFIX/SERIES"
+		else
+			: > "$inst.tmp$PREFIX/SERIES"
+		fi
 		touch "$inst.tmp/.complete"
 		rm -rf "$inst"
 		mv "$inst.tmp" "$inst"

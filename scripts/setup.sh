@@ -1,0 +1,90 @@
+#!/usr/bin/env bash
+# Install what the project needs on Debian bookworm: the apt packages (only the
+# missing ones) and a virtualenv in .venv with the harness and its dependencies.
+# Idempotent: a second run installs nothing and takes a second.
+#
+#   setup.sh            apt packages + .venv
+#   setup.sh apt        apt packages only (used by docker/)
+set -euo pipefail
+
+top=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+venv=${VENV:-$top/.venv}
+python=${PYTHON:-python3}
+
+# Build dependencies of the trimmed Asterisk build, and the harness's tools.
+readonly APT_PACKAGES=(
+	build-essential pkg-config dpkg-dev git bzip2 patch xz-utils ca-certificates
+	debian-archive-keyring
+	libedit-dev libjansson-dev libxml2-dev libsqlite3-dev uuid-dev libssl-dev
+	libncurses-dev
+	libpcap0.8 tcpdump espeak-ng sox
+	python3 python3-venv
+)
+
+say() { printf '[setup] %s\n' "$*" >&2; }
+die() { printf 'setup: error: %s\n' "$*" >&2; exit 1; }
+
+missing_packages() {
+	local p
+	for p in "${APT_PACKAGES[@]}"; do
+		dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' \
+			|| printf '%s\n' "$p"
+	done
+}
+
+install_apt() {
+	command -v dpkg-query >/dev/null || die "this is not a Debian system (no dpkg-query);" \
+		"install the packages listed in scripts/setup.sh by hand"
+	local missing
+	mapfile -t missing < <(missing_packages)
+	if [ ${#missing[@]} -eq 0 ]; then
+		say "apt packages: all present"
+		return 0
+	fi
+	local sudo=()
+	if [ "$(id -u)" -ne 0 ]; then
+		command -v sudo >/dev/null \
+			|| die "missing packages (${missing[*]}) and not root: run 'make setup' as root"
+		sudo=(sudo)
+	fi
+	say "apt packages: installing ${missing[*]}"
+	if ! "${sudo[@]}" apt-get -q update >/tmp/setup-apt-update.log 2>&1; then
+		cat /tmp/setup-apt-update.log >&2
+		die "apt-get update failed: no route to Debian's archive? Check the network" \
+			"(or proxy) and run 'make setup' again"
+	fi
+	DEBIAN_FRONTEND=noninteractive "${sudo[@]}" apt-get -q install -y --no-install-recommends \
+		"${missing[@]}" >/tmp/setup-apt-install.log 2>&1 || {
+		tail -n 30 /tmp/setup-apt-install.log >&2
+		die "apt-get install failed; see /tmp/setup-apt-install.log"
+	}
+	say "apt packages: done"
+}
+
+install_venv() {
+	"$python" -c 'import sys; assert sys.version_info >= (3, 11)' 2>/dev/null \
+		|| die "$python is older than Python 3.11 (or missing)"
+	local stamp=$venv/.setup-stamp want
+	want=$(cat "$top/pyproject.toml" | sha256sum | cut -d' ' -f1)
+	if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && [ -x "$venv/bin/python" ]; then
+		say "virtualenv: up to date ($venv)"
+		return 0
+	fi
+	say "virtualenv: creating $venv"
+	"$python" -m venv "$venv" || die "cannot create a virtualenv: apt-get install python3-venv"
+	say "virtualenv: installing the harness and its dependencies from PyPI"
+	"$venv/bin/pip" install -q --disable-pip-version-check -e "$top[dev]" \
+		>"$venv/pip.log" 2>&1 || {
+		tail -n 30 "$venv/pip.log" >&2
+		die "pip install failed (no route to PyPI?); see $venv/pip.log"
+	}
+	echo "$want" > "$stamp"
+	say "virtualenv: done"
+}
+
+case "${1:-all}" in
+apt) install_apt ;;
+venv) install_venv ;;
+all) install_apt; install_venv ;;
+*) die "usage: setup.sh [all|apt|venv]" ;;
+esac

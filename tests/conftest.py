@@ -1,0 +1,120 @@
+"""Shared fixtures: one SIP phone per session, one Asterisk per test.
+
+In CI (``CI=true``) a test that would skip because a build, tool or privilege
+is missing fails instead: a skip must never pass for a green run.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import AsyncIterator, Generator, Iterator
+from pathlib import Path
+
+import pytest
+
+from harness.asterisk import AsteriskError, find_install
+from harness.caller import SipPhone
+from harness.capture import CaptureError, check_capture_possible
+from harness.rig import Rig
+
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+TESTS = Path(__file__).resolve().parent
+
+
+def need(condition: bool, reason: str) -> None:
+    """Skip the test when *condition* is false; in CI, fail it instead."""
+    if condition:
+        return
+    if IN_CI:
+        pytest.fail(f"required in CI: {reason}", pytrace=False)
+    pytest.skip(reason)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if (TESTS / "integration") in Path(str(item.fspath)).parents:
+            item.add_marker(pytest.mark.integration)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    report = yield
+    if IN_CI and report.skipped and not hasattr(report, "wasxfail"):
+        report.outcome = "failed"
+        report.longrepr = f"skipped in CI, which counts as a failure: {report.longrepr}"
+    item.stash.setdefault(_reports_key, {})[report.when] = report
+    return report
+
+
+_reports_key = pytest.StashKey[dict[str, pytest.TestReport]]()
+
+
+def failed(request: pytest.FixtureRequest) -> bool:
+    reports = request.node.stash.get(_reports_key, {})
+    return any(r.failed for r in reports.values())
+
+
+@pytest.fixture(scope="session")
+def install() -> Path:
+    try:
+        return find_install("patched")
+    except AsteriskError as exc:
+        need(False, str(exc))
+        raise
+
+
+@pytest.fixture(scope="session")
+def upstream_install() -> Path:
+    try:
+        return find_install("upstream")
+    except AsteriskError as exc:
+        need(False, str(exc))
+        raise
+
+
+@pytest.fixture(scope="session")
+def capture_ok() -> None:
+    try:
+        check_capture_possible()
+    except CaptureError as exc:
+        need(False, str(exc))
+
+
+@pytest.fixture(scope="session")
+async def phone(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[SipPhone]:
+    sip = SipPhone(tmp_path_factory.mktemp("pjsua2"))
+    await sip.start()
+    try:
+        yield sip
+    finally:
+        await sip.stop()
+
+
+@pytest.fixture
+async def rig(
+    request: pytest.FixtureRequest,
+    install: Path,
+    phone: SipPhone,
+    capture_ok: None,
+    tmp_path: Path,
+) -> AsyncIterator[Rig]:
+    """A fresh Asterisk (patched build) with the bot server, sharing the phone."""
+    async with Rig(install, tmp_path, phone=phone) as r:
+        try:
+            yield r
+        finally:
+            if failed(request):
+                print(r.describe_logs())  # noqa: T201 - shown in the failure report
+    if not failed(request):
+        assert r.asterisk is not None
+        r.asterisk.cleanup()
+
+
+@pytest.fixture(autouse=True)
+def _debug_logging() -> Iterator[None]:
+    if os.environ.get("HARNESS_DEBUG"):
+        logging.getLogger("harness").setLevel(logging.DEBUG)
+    yield

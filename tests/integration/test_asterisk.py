@@ -1,0 +1,70 @@
+"""Starting and stopping Asterisk: clear errors fast, never a hang."""
+
+from __future__ import annotations
+
+import socket
+import time
+from pathlib import Path
+
+import pytest
+
+from harness.asterisk import Asterisk, AsteriskError, find_install
+from harness.ports import free_port
+
+
+async def test_start_cli_and_graceful_stop(install: Path) -> None:
+    ast = Asterisk(install, "ws://127.0.0.1:9/media")
+    await ast.start()
+    try:
+        assert ast.running
+        out = await ast.cli("module show like chan_websocket")
+        assert "chan_websocket.so" in out
+        out = await ast.cli("dialplan show bot@bot")
+        assert "WebSocket/bot/" in out
+    finally:
+        status = await ast.stop()
+    assert status == 0, "core stop now ends Asterisk cleanly"
+    assert not ast.running
+    ast.cleanup()
+
+
+async def test_asterisk_that_fails_to_start_gives_a_clear_error_quickly(install: Path) -> None:
+    ast = Asterisk(install, "ws://127.0.0.1:9/media", required=("no_such_module.so",))
+    t0 = time.monotonic()
+    with pytest.raises(AsteriskError) as err:
+        await ast.start()
+    assert time.monotonic() - t0 < 15
+    message = str(err.value)
+    assert "exited with status" in message
+    assert "no_such_module" in message, "the log tail says why"
+    assert not ast.running
+    ast.cleanup()
+
+
+async def test_sip_port_already_taken(install: Path) -> None:
+    port = free_port(socket.SOCK_DGRAM)
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", port))
+        ast = Asterisk(install, "ws://127.0.0.1:9/media", sip_port=port)
+        t0 = time.monotonic()
+        with pytest.raises(AsteriskError, match="already in use"):
+            await ast.start()
+        assert time.monotonic() - t0 < 5
+    assert ast.process is None
+    ast.cleanup()
+
+
+def test_missing_build_names_the_make_target(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("ASTERISK_PREFIX", str(tmp_path))
+    with pytest.raises(AsteriskError, match="make asterisk"):
+        find_install("patched")
+    monkeypatch.setenv("ASTERISK_UPSTREAM_PREFIX", str(tmp_path))
+    with pytest.raises(AsteriskError, match="make asterisk-upstream"):
+        find_install("upstream")
+
+
+async def test_unused_port_helper_gives_distinct_ports() -> None:
+    ports = {free_port() for _ in range(5)}
+    assert len(ports) >= 4

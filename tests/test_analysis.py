@@ -1,0 +1,57 @@
+"""Frame matching and mark timing on synthetic packet lists."""
+
+from __future__ import annotations
+
+import math
+
+from harness import analysis, audio
+from harness.capture import RtpPacket
+
+
+def pkt(t: float, payload: bytes, seq: int = 0) -> RtpPacket:
+    return RtpPacket(
+        t=t,
+        src=("127.0.0.1", 1),
+        dst=("127.0.0.1", 2),
+        sequence=seq,
+        timestamp=seq * 160,
+        ssrc=1,
+        payload_type=0,
+        marker=False,
+        payload=payload,
+    )
+
+
+def test_departures_in_order_with_a_missing_frame_and_noise() -> None:
+    frames = [audio.tagged_frame(i) for i in range(5)]
+    packets = [
+        pkt(1.0, frames[0]),
+        pkt(1.02, b"\xff" * 160),
+        pkt(1.04, frames[1]),
+        pkt(1.08, frames[3]),
+        pkt(1.10, frames[4]),
+    ]
+    assert analysis.departures(packets, frames) == [1.0, 1.04, None, 1.08, 1.10]
+
+
+def test_split_frames_keeps_the_remainder() -> None:
+    assert [len(f) for f in analysis.split_frames(b"z" * 350)] == [160, 160, 30]
+
+
+def test_mark_timings() -> None:
+    times: list[float | None] = [1.0, 1.02, 1.04]
+    marks = [("a", 160), ("b", 480), ("c", 330), ("late", 800)]
+    acks = {"a": 1.0005, "b": 1.0401}
+    result = {m.mark_id: m for m in analysis.mark_timings(marks, acks, times)}
+    assert result["a"].frame == 0
+    assert result["a"].error_ms is not None and math.isclose(result["a"].error_ms, 0.5)
+    assert result["b"].frame == 2
+    assert result["c"].frame == 2 and result["c"].error_ms is None
+    assert result["late"].rtp_t is None
+
+
+def test_summary() -> None:
+    s = analysis.Summary.of([float(v) for v in range(1, 101)])
+    assert (s.n, s.median, s.p95, s.p99, s.max, s.min) == (100, 50.5, 95, 99, 100, 1)
+    assert analysis.Summary.of([]).n == 0
+    assert "median" in str(s)

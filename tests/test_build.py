@@ -1,0 +1,115 @@
+"""The build script: the series applies, failures name the patch and hunk,
+the cache key follows the patches, and chan_websocket.c passes dev mode."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import need
+
+ROOT = Path(__file__).resolve().parent.parent
+BUILD = ROOT / "scripts" / "asterisk-build.sh"
+
+BAD_PATCH = """\
+From 0000000000000000000000000000000000000000 Mon Sep 17 00:00:00 2001
+From: Test <test@example.com>
+Date: Mon, 1 Jan 2024 00:00:00 +0000
+Subject: [PATCH] chan_websocket: A patch that cannot apply.
+
+---
+ channels/chan_websocket.c | 2 +-
+ 1 file changed, 1 insertion(+), 1 deletion(-)
+
+diff --git a/channels/chan_websocket.c b/channels/chan_websocket.c
+--- a/channels/chan_websocket.c
++++ b/channels/chan_websocket.c
+@@ -40,3 +40,3 @@
+ #include "this line is not in the file"
+-#include "nor this one"
++#include "so the hunk fails"
+ #include "at all"
+--
+2.39.5
+"""
+
+
+def run_build(*args: str, patch_dir: Path | None = None) -> subprocess.CompletedProcess[str]:
+    need(
+        shutil.which("dpkg-source") is not None and shutil.which("git") is not None,
+        "dpkg-source and git are needed: make setup",
+    )
+    env = dict(os.environ)
+    if patch_dir is not None:
+        env["ASTERISK_PATCH_DIR"] = str(patch_dir)
+    return subprocess.run(
+        ["bash", str(BUILD), *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=900,
+        check=False,
+    )
+
+
+def copy_series(tmp_path: Path) -> Path:
+    dest = tmp_path / "patches"
+    shutil.copytree(ROOT / "asterisk-patch", dest)
+    return dest
+
+
+def test_series_applies() -> None:
+    result = run_build("check-patches")
+    assert result.returncode == 0, result.stderr
+    assert "applies cleanly" in result.stderr
+
+
+def test_patch_that_does_not_apply_is_named_with_its_hunk(tmp_path: Path) -> None:
+    patches = copy_series(tmp_path)
+    (patches / "9999-bad.patch").write_text(BAD_PATCH)
+    with (patches / "series").open("a") as f:
+        f.write("9999-bad.patch\n")
+    result = run_build("check-patches", patch_dir=patches)
+    assert result.returncode != 0
+    assert "9999-bad.patch" in result.stderr
+    assert "channels/chan_websocket.c:40" in result.stderr, result.stderr
+
+
+def test_missing_patch_file_is_named(tmp_path: Path) -> None:
+    patches = copy_series(tmp_path)
+    (patches / "series").write_text("0042-not-here.patch\n")
+    result = run_build("check-patches", patch_dir=patches)
+    assert result.returncode != 0
+    assert "0042-not-here.patch" in result.stderr
+
+
+def test_cache_key_follows_the_patches(tmp_path: Path) -> None:
+    patches = copy_series(tmp_path)
+    before = run_build("key", patch_dir=patches).stdout.strip()
+    upstream = run_build("key", "upstream", patch_dir=patches).stdout.strip()
+    (patches / "0001-extra.patch").write_text(BAD_PATCH)
+    with (patches / "series").open("a") as f:
+        f.write("0001-extra.patch\n")
+    after = run_build("key", patch_dir=patches).stdout.strip()
+    upstream_after = run_build("key", "upstream", patch_dir=patches).stdout.strip()
+    assert len(before) == 16
+    assert before != after, "a changed series rebuilds"
+    assert upstream == upstream_after, "the upstream build ignores the series"
+    assert before == run_build("key", patch_dir=copy_series(tmp_path / "again")).stdout.strip()
+
+
+def test_second_build_is_cached() -> None:
+    result = run_build("build")
+    assert result.returncode == 0, result.stderr
+    assert "is cached" in result.stderr, "make test must not rebuild Asterisk"
+
+
+@pytest.mark.integration
+def test_chan_websocket_compiles_in_dev_mode() -> None:
+    result = run_build("devcheck")
+    assert result.returncode == 0, result.stderr
+    assert "compiles cleanly" in result.stderr

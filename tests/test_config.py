@@ -1,0 +1,101 @@
+"""Configuration generation for a sandboxed Asterisk."""
+
+from __future__ import annotations
+
+import configparser
+from pathlib import Path
+
+from harness import config
+
+
+def settings(tmp_path: Path) -> config.AsteriskSettings:
+    return config.AsteriskSettings(
+        install=Path("/opt/ast"),
+        sandbox=tmp_path,
+        sip_port=5070,
+        http_port=8089,
+        rtp_start=30000,
+        rtp_end=30199,
+        bot_uri="ws://127.0.0.1:9999/media",
+    )
+
+
+def parse(text: str) -> configparser.ConfigParser:
+    cp = configparser.ConfigParser(
+        delimiters=("=>", "="), comment_prefixes=(";",), strict=False, interpolation=None
+    )
+    # Asterisk allows repeated keys (load =>) and continuation lines we do not need here.
+    cp.read_string("\n".join(line for line in text.splitlines() if not line.startswith(" ")))
+    return cp
+
+
+def test_every_file_is_rendered(tmp_path: Path) -> None:
+    files = config.render(settings(tmp_path))
+    assert set(files) == {
+        "asterisk.conf",
+        "logger.conf",
+        "modules.conf",
+        "http.conf",
+        "rtp.conf",
+        "pjsip.conf",
+        "websocket_client.conf",
+        "chan_websocket.conf",
+        "extensions.conf",
+    }
+
+
+def test_directories_point_at_sandbox_and_install(tmp_path: Path) -> None:
+    s = settings(tmp_path)
+    dirs = parse(config.render(s)["asterisk.conf"])["directories"]
+    assert dirs["astmoddir"] == "/opt/ast/lib/asterisk/modules"
+    assert dirs["astsbindir"] == "/opt/ast/sbin"
+    for key in ("astetcdir", "astrundir", "astlogdir", "astvarlibdir", "astspooldir"):
+        assert Path(dirs[key]).is_relative_to(tmp_path), key
+
+
+def test_ports_and_uri(tmp_path: Path) -> None:
+    files = config.render(settings(tmp_path))
+    assert "bind = 127.0.0.1:5070" in files["pjsip.conf"]
+    assert "bindport = 8089" in files["http.conf"]
+    assert "bindaddr = 127.0.0.1" in files["http.conf"]
+    rtp = parse(files["rtp.conf"])["general"]
+    assert (rtp["rtpstart"], rtp["rtpend"]) == ("30000", "30199")
+    ws = parse(files["websocket_client.conf"])[config.BOT_CONNECTION]
+    assert ws["uri"] == "ws://127.0.0.1:9999/media"
+    assert ws["protocols"] == "media"
+
+
+def test_modules_are_explicit(tmp_path: Path) -> None:
+    text = config.render(settings(tmp_path))["modules.conf"]
+    assert "autoload = no" in text
+    loads = [line.split("=>")[1].strip() for line in text.splitlines() if "=>" in line]
+    assert "chan_websocket.so" in loads
+    assert "res_timing_timerfd.so" in loads
+    assert len(loads) == len(set(loads))
+
+
+def test_required_modules(tmp_path: Path) -> None:
+    s = config.AsteriskSettings(**{**settings(tmp_path).__dict__, "required": ("x.so",)})
+    assert "require => x.so" in config.render(s)["modules.conf"]
+
+
+def test_dialplan_dials_the_bot_with_caller_options(tmp_path: Path) -> None:
+    text = config.render(settings(tmp_path))["extensions.conf"]
+    assert f"exten => {config.BOT_EXTENSION},1," in text
+    assert (
+        f"Dial(WebSocket/{config.BOT_CONNECTION}/${{PJSIP_HEADER(read,{config.OPTIONS_HEADER})}})"
+        in text
+    )
+
+
+def test_control_format_is_configurable(tmp_path: Path) -> None:
+    s = config.AsteriskSettings(**{**settings(tmp_path).__dict__, "control_format": "json"})
+    assert "control_message_format = json" in config.render(s)["chan_websocket.conf"]
+
+
+def test_write_creates_sandbox(tmp_path: Path) -> None:
+    s = settings(tmp_path / "box")
+    config.write(s)
+    assert (s.etc / "asterisk.conf").is_file()
+    for sub in ("run", "log", "lib", "spool"):
+        assert (s.sandbox / sub).is_dir()
