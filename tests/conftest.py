@@ -21,6 +21,22 @@ from harness.rig import Rig
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 TESTS = Path(__file__).resolve().parent
 
+#: Figures measured by tests, printed at the end of the run.
+MEASURED: list[tuple[str, str]] = []
+
+
+def report(name: str, figure: object) -> None:
+    """Record a measured figure for the end-of-run summary."""
+    MEASURED.append((name, str(figure)))
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    if not MEASURED:
+        return
+    terminalreporter.section("measured on real calls")
+    for name, figure in MEASURED:
+        terminalreporter.write_line(f"{name}: {figure}")
+
 
 def need(condition: bool, reason: str) -> None:
     """Skip the test when *condition* is false; in CI, fail it instead."""

@@ -55,7 +55,8 @@ def test_json_media_start_keeps_types() -> None:
             "MEDIA_MARK_PROCESSED",
             "x",
         ),
-        ("MARK_PLAYED id:a:b played_ms:200 queued_ms:0", "MARK_PLAYED", "a:b"),
+        ("MARK_PLAYED seq:1 played_ms:200 queued_ms:0 id:a:b", "MARK_PLAYED", "a:b"),
+        ("MARK_CLEARED seq:2 reason:flush played_ms:0 id:two words", "MARK_CLEARED", "two words"),
         ('{"event":"MARK_PLAYED","id":"c1","played_ms":20}', "MARK_PLAYED", "c1"),
     ],
 )
@@ -86,6 +87,12 @@ def test_plain_error_text_keeps_spaces_and_colons() -> None:
     e = parse_event("ERROR channel_id:1.1 error_text:MARK_MEDIA not supported: in mode x:y")
     assert e.get_str("error_text") == "MARK_MEDIA not supported: in mode x:y"
     assert e.get_str("channel_id") == "1.1"
+
+
+def test_plain_mark_played_fields() -> None:
+    e = parse_event("MARK_PLAYED seq:3 played_ms:200 queued_ms:400 id:chunk-1")
+    assert (e.get_int("seq"), e.get_int("played_ms"), e.get_int("queued_ms")) == (3, 200, 400)
+    assert e.mark_id == "chunk-1"
 
 
 def test_plain_dtmf() -> None:

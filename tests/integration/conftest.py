@@ -1,0 +1,14 @@
+"""Helpers for the real-call tests."""
+
+from __future__ import annotations
+
+import pytest
+
+from harness.events import ControlFormat
+
+
+@pytest.fixture(params=[ControlFormat.PLAIN, ControlFormat.JSON], ids=lambda f: f.value)
+def fmt(request: pytest.FixtureRequest) -> ControlFormat:
+    """Run the test in both control formats."""
+    value: ControlFormat = request.param
+    return value

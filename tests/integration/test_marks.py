@@ -1,0 +1,434 @@
+"""MARK -> MARK_PLAYED on real calls: timing against RTP, positions, lifecycle.
+
+Every test runs in both control formats. Timing bounds here are loose (CI
+machines are noisy); the measured figures are printed at the end of the run
+and `make bench` reports them properly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from harness import analysis, audio
+from harness.capture import RtpPacket
+from harness.events import ControlFormat, Event
+from harness.rig import Rig
+from tests.conftest import report
+
+FRAME = audio.FRAME_BYTES
+
+
+def mark_errors(
+    sent: bytes,
+    marks: list[tuple[str, int]],
+    events: list[Event],
+    packets: list[RtpPacket],
+) -> list[analysis.MarkTiming]:
+    frames = analysis.split_frames(sent)
+    times = analysis.departures(packets, frames)
+    acks = {e.mark_id: e.t for e in events if e.mark_id is not None}
+    return analysis.mark_timings(marks, acks, times)
+
+
+async def test_mark_played_carries_id_sequence_and_position(rig: Rig, fmt: ControlFormat) -> None:
+    async with rig.call(control_format=fmt) as call:
+        s = call.session
+        await s.send_audio(audio.tagged_frames(0, 10))
+        await s.command("MARK", "first")
+        await s.send_audio(audio.tagged_frames(10, 10))
+        await s.command("MARK", "second")
+        first = await s.wait_mark("first")
+        second = await s.wait_mark("second")
+    assert first.name == second.name == "MARK_PLAYED"
+    assert (first.get_int("seq"), second.get_int("seq")) == (1, 2)
+    assert first.get_int("played_ms") == 200
+    assert first.get_int("queued_ms") == 200, "the second chunk is still queued"
+    assert second.get_int("played_ms") == 400
+    assert second.get_int("queued_ms") == 0
+    if fmt is ControlFormat.JSON:
+        assert first.get_str("channel_id") == s.media_start.get_str("channel_id")  # type: ignore[union-attr]
+
+
+async def test_plain_mark_accepts_the_id_equals_form(rig: Rig) -> None:
+    async with rig.call() as call:
+        await call.session.send_audio(audio.tagged_frames(0, 3))
+        await call.session.send_text("MARK id=chunk-7")
+        event = await call.session.wait_mark("chunk-7")
+    assert event.name == "MARK_PLAYED"
+    assert event.get_int("played_ms") == 60
+
+
+async def test_mark_played_is_sent_in_the_tick_that_dequeues_the_frame(
+    rig: Rig, fmt: ControlFormat
+) -> None:
+    """A mark after every 200 ms chunk: ack arrival vs RTP departure of its last frame."""
+    sent = b""
+    marks: list[tuple[str, int]] = []
+    async with rig.call(control_format=fmt) as call:
+        s = call.session
+        for k in range(8):
+            chunk = audio.tagged_frames(k * 10, 10)
+            await s.send_audio(chunk)
+            sent += chunk
+            marks.append((f"c{k}", len(sent)))
+            await s.command("MARK", f"c{k}")
+        await s.wait_mark("c7", timeout=5)
+    timings = mark_errors(sent, marks, call.session.named("MARK_PLAYED"), call.packets)
+    errors = [t.error_ms for t in timings]
+    assert None not in errors, f"every mark acknowledged and its frame seen: {timings}"
+    summary = analysis.Summary.of([e for e in errors if e is not None])
+    report(f"MARK_PLAYED - RTP, 200 ms chunks ({fmt.value})", summary)
+    abs_errors = sorted(abs(e) for e in errors if e is not None)
+    # Upstream MEDIA_MARK_PROCESSED is one ptime (20 ms) late; loose CI bounds.
+    assert abs_errors[len(abs_errors) // 2] < 5, summary
+    assert abs_errors[-1] < 15, summary
+
+
+async def test_marks_after_every_frame(rig: Rig, fmt: ControlFormat) -> None:
+    n = 25
+    sent = audio.tagged_frames(0, n)
+    marks = [(f"f{i}", (i + 1) * FRAME) for i in range(n)]
+    async with rig.call(control_format=fmt) as call:
+        s = call.session
+        for i in range(n):
+            await s.send_audio(sent[i * FRAME : (i + 1) * FRAME])
+            await s.command("MARK", f"f{i}")
+        await s.wait_mark(f"f{n - 1}")
+    played = call.session.named("MARK_PLAYED")
+    assert [e.mark_id for e in played] == [m for m, _ in marks], "in order, once each"
+    assert [e.get_int("played_ms") for e in played] == [20 * (i + 1) for i in range(n)]
+    timings = mark_errors(sent, marks, played, call.packets)
+    errors = [t.error_ms for t in timings if t.error_ms is not None]
+    assert len(errors) == n
+    summary = analysis.Summary.of(errors)
+    report(f"MARK_PLAYED - RTP, a mark per 20 ms frame ({fmt.value})", summary)
+    assert sorted(abs(e) for e in errors)[n // 2] < 5, summary
+
+
+async def test_mark_with_nothing_queued_is_acknowledged_at_once(
+    rig: Rig, fmt: ControlFormat
+) -> None:
+    async with rig.call(control_format=fmt) as call:
+        s = call.session
+        await s.send_audio(audio.tagged_frames(0, 5))
+        await s.command("MARK", "drained")
+        await s.wait_mark("drained")
+        await asyncio.sleep(0.1)
+        t0 = time.time()
+        await s.command("MARK", "idle")
+        idle = await s.wait_mark("idle")
+    delay_ms = (idle.t - t0) * 1000
+    report(f"MARK on an empty queue: command -> MARK_PLAYED ({fmt.value})", f"{delay_ms:.2f} ms")
+    assert idle.get_int("played_ms") == 100
+    assert idle.get_int("queued_ms") == 0
+    assert delay_ms < 15, "answered at once, not at the next 20 ms tick"
+
+
+async def test_back_to_back_marks_resolve_together_in_order(rig: Rig, fmt: ControlFormat) -> None:
+    async with rig.call(control_format=fmt) as call:
+        s = call.session
+        await s.send_audio(audio.tagged_frames(0, 5))
+        for name in ("a", "b", "c"):
+            await s.command("MARK", name)
+        await s.wait_mark("c")
+    played = call.session.named("MARK_PLAYED")
+    assert [e.mark_id for e in played] == ["a", "b", "c"]
+    assert [e.get_int("seq") for e in played] == [1, 2, 3]
+    assert {e.get_int("played_ms") for e in played} == {100}
+    assert (played[-1].t - played[0].t) * 1000 < 5, "sent in the same tick"
+
+
+async def test_flush_resolves_every_mark_and_reports_the_position(
+    rig: Rig, fmt: ControlFormat
+) -> None:
+    sent = b""
+    async with rig.call(control_format=fmt) as call:
+        s = call.session
+        for k in range(5):
+            chunk = audio.tagged_frames(k * 10, 10)
+            await s.send_audio(chunk)
+            sent += chunk
+            await s.command("MARK", f"m{k}")
+        await asyncio.sleep(0.3)
+        await s.command("FLUSH_MEDIA")
+        flushed = await s.wait_for("MEDIA_FLUSHED")
+        await asyncio.sleep(0.2)
+    events = call.session.named("MARK_PLAYED", "MARK_CLEARED")
+    assert sorted(e.mark_id or "" for e in events) == [f"m{k}" for k in range(5)], (
+        "every mark resolved exactly once"
+    )
+    assert [e.mark_id for e in events] == [f"m{k}" for k in range(5)], "in queue order"
+    cleared = call.session.named("MARK_CLEARED")
+    assert cleared, "a flush after 300 ms leaves marks pending"
+    assert {e.get_str("reason") for e in cleared} == {"flush"}
+    assert all(e.index < flushed.index for e in events), "MARK_CLEARED comes before MEDIA_FLUSHED"
+    assert flushed.get_str("reason") == "flush"
+    assert flushed.get_int("cleared_marks") == len(cleared)
+    played_ms, discarded_ms = flushed.get_int("played_ms"), flushed.get_int("discarded_ms")
+    assert played_ms + discarded_ms == audio.ms_of(len(sent))
+    # The reported position matches what left on RTP, within a frame.
+    delivered = sum(1 for p in call.packets if audio.frame_index(p.payload) is not None)
+    report(
+        f"flush: played_ms vs RTP frames ({fmt.value})",
+        f"reported {played_ms} ms, RTP {delivered * 20} ms",
+    )
+    assert abs(played_ms - delivered * 20) <= 20
+    assert 200 <= played_ms <= 400
+
+
+async def test_flushed_mark_media_gets_mark_cleared(rig: Rig, fmt: ControlFormat) -> None:
+    async with rig.call(control_format=fmt) as call:
+        s = call.session
+        await s.send_audio(audio.tagged_frames(0, 50))
+        await s.command("MARK_MEDIA", "legacy")
+        await s.command("FLUSH_MEDIA")
+        cleared = await s.wait_for("MARK_CLEARED")
+        await s.wait_for("MEDIA_FLUSHED")
+    assert cleared.mark_id == "legacy"
+    assert not call.session.named("MEDIA_MARK_PROCESSED")
+
+
+async def test_caller_hangup_clears_pending_marks_before_the_socket_closes(
+    rig: Rig, fmt: ControlFormat
+) -> None:
+    async with rig.call(control_format=fmt) as call:
+        s = call.session
+        await s.send_audio(audio.tagged_frames(0, 100))
+        for k in range(3):
+            await s.command("MARK", f"h{k}")
+        await asyncio.sleep(0.1)
+        await call.sip.hangup()
+        await s.wait_closed()
+    cleared = call.session.named("MARK_CLEARED")
+    assert [e.mark_id for e in cleared] == ["h0", "h1", "h2"]
+    assert {e.get_str("reason") for e in cleared} == {"hangup"}
+    (flushed,) = call.session.named("MEDIA_FLUSHED")
+    assert flushed.get_str("reason") == "hangup"
+    assert flushed.get_int("cleared_marks") == 3
+    assert 0 < flushed.get_int("played_ms") < 2000
+    assert flushed.get_int("played_ms") + flushed.get_int("discarded_ms") == 2000
+
+
+async def test_bot_hangup_clears_pending_marks(rig: Rig, fmt: ControlFormat) -> None:
+    async with rig.call(control_format=fmt) as call:
+        s = call.session
+        await s.send_audio(audio.tagged_frames(0, 50))
+        await s.command("MARK", "pending")
+        await s.command("HANGUP")
+        cleared = await s.wait_for("MARK_CLEARED")
+        await s.wait_closed()
+        await call.sip.wait_disconnected()
+    assert cleared.mark_id == "pending"
+    assert cleared.get_str("reason") == "hangup"
+
+
+async def test_media_direction_in_clears_pending_marks(rig: Rig) -> None:
+    async with rig.call(control_format=ControlFormat.JSON) as call:
+        s = call.session
+        await s.send_audio(audio.tagged_frames(0, 50))
+        await s.command("MARK", "before")
+        await s.command("SET_MEDIA_DIRECTION", "in")
+        cleared = await s.wait_for("MARK_CLEARED")
+        flushed = await s.wait_for("MEDIA_FLUSHED")
+        # With no timer, a new mark is refused rather than left hanging.
+        await s.command("MARK", "while-in")
+        error = await s.wait_for("ERROR")
+    assert cleared.mark_id == "before"
+    assert cleared.get_str("reason") == "direction"
+    assert flushed.get_str("reason") == "direction"
+    assert "MARK" in error.get_str("error_text")
+
+
+async def test_partial_frame_is_played_before_its_mark(rig: Rig, fmt: ControlFormat) -> None:
+    """10 frames + 50 bytes in one message, no buffering, then a mark."""
+    sent = audio.tagged_frames(0, 10) + audio.tagged_frame(10, 50)
+    async with rig.call(control_format=fmt) as call:
+        s = call.session
+        await s.send_audio(sent)
+        await s.command("MARK", "after-partial")
+        mark = await s.wait_mark("after-partial")
+        await asyncio.sleep(0.1)
+    payloads = [p.payload for p in call.packets]
+    assert payloads == analysis.split_frames(sent), "the 50 bytes reach RTP, unpadded"
+    short = call.packets[-1]
+    assert len(short.payload) == 50
+    assert mark.get_int("played_ms") == 206  # 1650 bytes = 206.25 ms
+    error_ms = (mark.t - short.t) * 1000
+    report(
+        f"MARK_PLAYED after a 50-byte partial frame - its RTP ({fmt.value})", f"{error_ms:+.2f} ms"
+    )
+    assert abs(error_ms) < 15
+
+
+async def test_buffered_partial_frame_is_played_before_the_mark(
+    rig: Rig, fmt: ControlFormat
+) -> None:
+    """START_MEDIA_BUFFERING, 10.5 frames, a mark, more audio a second later."""
+    first = audio.tagged_frames(0, 10) + bytes(range(16, 96))  # 10.5 frames
+    later = bytes(range(96, 176)) + audio.tagged_frames(11, 4)
+    async with rig.call(control_format=fmt) as call:
+        s = call.session
+        await s.command("START_MEDIA_BUFFERING")
+        await s.send_audio(first)
+        await s.command("MARK", "mid-frame")
+        await asyncio.sleep(1.0)
+        assert not s.named("MARK_PLAYED"), "the half frame has not been played yet"
+        await s.send_audio(later)
+        await s.command("STOP_MEDIA_BUFFERING", "done")
+        mark = await s.wait_mark("mid-frame")
+        await s.wait_for("MEDIA_BUFFERING_COMPLETED")
+        await asyncio.sleep(0.1)
+    frames = analysis.split_frames(first + later)
+    times = analysis.departures(call.packets, frames)
+    assert None not in times, "every byte reached RTP"
+    # The mark sits inside frame 10 (80 old bytes + 80 new ones).
+    error_ms = (mark.t - times[10]) * 1000  # type: ignore[operator]
+    report(f"MARK_PLAYED inside a buffered frame - its RTP ({fmt.value})", f"{error_ms:+.2f} ms")
+    assert abs(error_ms) < 15
+    assert mark.get_int("played_ms") == 210
+
+
+async def test_unaligned_messages_lose_no_byte(rig: Rig, fmt: ControlFormat) -> None:
+    """1024-byte messages (what res_http_websocket reassembles) are not whole frames."""
+    sent = audio.tagged_frames(0, 32)  # 5120 bytes = 5 messages of 1024
+    async with rig.call(control_format=fmt) as call:
+        s = call.session
+        for i in range(0, len(sent), 1024):
+            await s.send_audio(sent[i : i + 1024])
+        await s.command("MARK", "end")
+        await s.wait_mark("end")
+        await asyncio.sleep(0.1)
+    assert analysis.delivered_bytes(call.packets) == sent
+
+
+async def test_full_queue_drop_is_reported(rig: Rig, fmt: ControlFormat) -> None:
+    async with rig.call(control_format=fmt) as call:
+        s = call.session
+        block = audio.tagged_frames(0, 50)
+        for _ in range(22):  # 1100 frames: the last two messages overflow
+            await s.send_audio(block)
+        error = await s.wait_for("ERROR")
+        await s.command("MARK", "after-drop")
+        await s.command("FLUSH_MEDIA")
+        flushed = await s.wait_for("MEDIA_FLUSHED")
+    text = error.get_str("error_text")
+    assert "queue full" in text.lower()
+    assert str(len(block)) in text, "says how many bytes were dropped"
+    assert s.named("MEDIA_XOFF")
+    total = flushed.get_int("played_ms") + flushed.get_int("discarded_ms")
+    assert total < 22 * 1000, "dropped media is neither played nor discarded"
+
+
+async def test_pause_holds_marks_until_continue(rig: Rig, fmt: ControlFormat) -> None:
+    async with rig.call(control_format=fmt) as call:
+        s = call.session
+        await s.command("PAUSE_MEDIA")
+        await s.send_audio(audio.tagged_frames(0, 5))
+        await s.command("MARK", "held")
+        await s.command("MARK", "held-too")
+        await asyncio.sleep(0.4)
+        assert not s.named("MARK_PLAYED")
+        await s.command("CONTINUE_MEDIA")
+        held = await s.wait_mark("held")
+        await s.wait_mark("held-too")
+        # A mark on an empty queue is also held while paused.
+        await s.command("PAUSE_MEDIA")
+        await s.command("MARK", "idle-paused")
+        await asyncio.sleep(0.2)
+        assert not s.named("MARK_PLAYED")[2:]
+        await s.command("CONTINUE_MEDIA")
+        await s.wait_mark("idle-paused")
+    assert held.get_int("played_ms") == 100
+
+
+async def test_marks_in_passthrough_mode(rig: Rig, fmt: ControlFormat) -> None:
+    async with rig.call(control_format=fmt, options="p") as call:
+        s = call.session
+        for i in range(5):
+            await s.send_audio(audio.tagged_frame(i))  # one frame per message
+        await s.command("MARK", "pt")
+        mark = await s.wait_mark("pt")
+        await s.send_audio(audio.tagged_frames(5, 1))
+        await s.command("MARK", "pt2")
+        await s.command("FLUSH_MEDIA")
+        await s.wait_for("MEDIA_FLUSHED")
+    assert mark.name == "MARK_PLAYED"
+    assert mark.get_int("played_ms") == 100
+    assert [audio.frame_index(p.payload) for p in call.packets][:5] == list(range(5))
+
+
+async def test_mark_media_keeps_its_wire_format_and_gains_exact_timing(
+    rig: Rig, fmt: ControlFormat
+) -> None:
+    sent = audio.tagged_frames(0, 10)
+    async with rig.call(control_format=fmt) as call:
+        s = call.session
+        await s.send_audio(sent)
+        await s.command("MARK_MEDIA", "compat")
+        compat = await s.wait_mark("compat")
+        await s.command("MARK_MEDIA")
+        bare = await s.wait_for("MEDIA_MARK_PROCESSED", after=compat.index)
+        await s.command("START_MEDIA_BUFFERING")
+        await s.send_audio(audio.tagged_frames(10, 2))
+        await s.command("STOP_MEDIA_BUFFERING", "buf")
+        done = await s.wait_for("MEDIA_BUFFERING_COMPLETED")
+    assert compat.name == "MEDIA_MARK_PROCESSED"
+    if fmt is ControlFormat.PLAIN:
+        assert compat.raw == "MEDIA_MARK_PROCESSED compat"
+        assert bare.raw == "MEDIA_MARK_PROCESSED"
+        assert done.raw == "MEDIA_BUFFERING_COMPLETED buf"
+    else:
+        assert set(compat.fields) == {"channel_id", "correlation_id"}
+        assert bare.get_str("correlation_id") == ""
+        assert set(done.fields) == {"channel_id", "correlation_id"}
+    times = analysis.departures(call.packets, analysis.split_frames(sent))
+    error_ms = (compat.t - times[9]) * 1000  # type: ignore[operator]
+    report(f"MEDIA_MARK_PROCESSED - RTP, patched ({fmt.value})", f"{error_ms:+.2f} ms")
+    assert abs(error_ms) < 15
+
+
+async def test_report_progress(rig: Rig, fmt: ControlFormat) -> None:
+    async with rig.call(control_format=fmt) as call:
+        s = call.session
+        await s.command("REPORT_PROGRESS", 100)
+        await s.send_audio(audio.tagged_frames(0, 50))  # 1 s
+        await s.command("MARK", "end")
+        await s.wait_mark("end")
+        await asyncio.sleep(0.2)
+        progress = s.named("MEDIA_PROGRESS")
+        await s.command("REPORT_PROGRESS", 0)
+        await s.send_audio(audio.tagged_frames(50, 10))
+        await asyncio.sleep(0.4)
+        after_off = s.named("MEDIA_PROGRESS")
+    assert 7 <= len(progress) <= 13, [e.raw for e in progress]
+    played = [e.get_int("played_ms") for e in progress]
+    assert played == sorted(played)
+    assert progress[-1].get_int("played_ms") == 1000
+    assert progress[-1].get_int("queued_ms") == 0, "a last report when the queue runs dry"
+    assert all(e.get_int("pending_marks") >= 0 for e in progress)
+    assert len(after_off) == len(progress), "0 turns it off"
+
+
+async def test_status_and_capabilities(rig: Rig, fmt: ControlFormat) -> None:
+    async with rig.call(control_format=fmt) as call:
+        s = call.session
+        caps = s.media_start.get_str("capabilities").split(",")  # type: ignore[union-attr]
+        await s.command("PAUSE_MEDIA")
+        await s.send_audio(audio.tagged_frames(0, 10))
+        await s.command("MARK", "x")
+        await s.command("MARK", "y")
+        await s.command("GET_STATUS")
+        status = await s.wait_for("STATUS")
+        await s.command("CONTINUE_MEDIA")
+        await s.wait_mark("y")
+        await s.command("GET_STATUS")
+        status2 = await s.wait_for("STATUS", after=status.index)
+    assert {"MARK", "REPORT_PROGRESS"} <= set(caps)
+    assert status.get_int("pending_marks") == 2
+    assert status.get_int("played_ms") == 0
+    assert status.get_int("queued_ms") == 200
+    assert status.get_bool("media_paused") is True
+    assert status2.get_int("pending_marks") == 0
+    assert status2.get_int("played_ms") == 200
+    assert status2.get_int("queued_ms") == 0
