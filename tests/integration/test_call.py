@@ -13,6 +13,7 @@ from harness import analysis, audio
 from harness.caller import SipPhone
 from harness.events import ControlFormat
 from harness.rig import Rig
+from tests.conftest import report
 
 FORMATS = [ControlFormat.PLAIN, ControlFormat.JSON]
 
@@ -87,14 +88,33 @@ async def test_bot_hangup_ends_the_sip_call(rig: Rig) -> None:
     assert call.sip.record.state == "DISCONNECTED"
 
 
-async def test_upstream_build_places_the_same_call(
+async def test_upstream_build_is_one_ptime_late_and_silent_on_flush(
     upstream_install: Path, phone: SipPhone, capture_ok: None, tmp_path: Path
 ) -> None:
-    async with Rig(upstream_install, tmp_path, phone=phone, name="upstream") as rig:
-        async with rig.call() as call:
-            await call.session.send_audio(audio.tagged_frames(0, 10))
-            await call.session.command("MARK_MEDIA", "end")
-            await call.session.wait_for("MEDIA_MARK_PROCESSED")
-        assert [audio.frame_index(p.payload) for p in call.packets] == list(range(10))
-    times = analysis.departures(call.packets, analysis.split_frames(audio.tagged_frames(0, 10)))
-    assert None not in times
+    """The baseline the patch is measured against, on the unpatched build."""
+    sent = audio.tagged_frames(0, 40)
+    marks = [(f"u{k}", (k + 1) * 1600) for k in range(4)]
+    rig = Rig(upstream_install, tmp_path, phone=phone, name="upstream")
+    async with rig, rig.call() as call:
+        s = call.session
+        assert s.media_start is not None
+        assert "capabilities" not in s.media_start.fields
+        for k, (mark, _) in enumerate(marks):
+            await s.send_audio(sent[k * 1600 : (k + 1) * 1600])
+            await s.command("MARK_MEDIA", mark)
+        await s.wait_mark("u3")
+        await s.send_audio(audio.tagged_frames(40, 20))
+        await s.command("MARK_MEDIA", "flushed")
+        await s.command("FLUSH_MEDIA")
+        await asyncio.sleep(0.3)
+    assert [audio.frame_index(p.payload) for p in call.packets][:40] == list(range(40))
+    times = analysis.departures(call.packets, analysis.split_frames(sent))
+    acks = {e.mark_id: e.t for e in s.named("MEDIA_MARK_PROCESSED") if e.mark_id}
+    errors = [t.error_ms for t in analysis.mark_timings(marks, acks, times)]
+    assert None not in errors
+    summary = analysis.Summary.of([e for e in errors if e is not None])
+    report("MEDIA_MARK_PROCESSED - RTP, upstream 22.10.1", summary)
+    assert summary.median > 10, "upstream acknowledges one ptime (20 ms) late"
+    assert "flushed" not in acks and not s.named("MARK_CLEARED", "MEDIA_FLUSHED"), (
+        "upstream drops a flushed mark silently"
+    )
