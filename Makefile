@@ -8,7 +8,7 @@ BUILD := scripts/asterisk-build.sh
 PYTEST_ARGS ?=
 
 .PHONY: all setup asterisk asterisk-upstream check-patches devcheck demo test \
-	unit lint clean distclean help
+	unit lint test-asan clean distclean help
 
 all: help
 
@@ -22,6 +22,7 @@ help:
 	@echo "make devcheck         compile chan_websocket.c with dev-mode flags (-Werror)"
 	@echo "make unit             unit tests only (no Asterisk)"
 	@echo "make lint             ruff and mypy"
+	@echo "make test-asan        the real-call tests against an AddressSanitizer build"
 
 setup:
 	@scripts/setup.sh
@@ -51,6 +52,21 @@ unit: setup
 
 test: asterisk asterisk-upstream devcheck lint
 	@$(PY) -m pytest $(PYTEST_ARGS)
+
+# Once per change to the C patch: the integration tests against a build with
+# AddressSanitizer (and LeakSanitizer at exit). Any report fails the target.
+ASAN_LOGS := build/asan-logs
+test-asan: setup
+	@ASTERISK_SANITIZE=address $(BUILD) build
+	@rm -rf $(ASAN_LOGS) && mkdir -p $(ASAN_LOGS)
+	ASTERISK_PREFIX=$(CURDIR)/build/asterisk-address \
+	ASAN_OPTIONS=log_path=$(CURDIR)/$(ASAN_LOGS)/asan:detect_leaks=1 \
+	HARNESS_TIMEOUT_FACTOR=3 $(PY) -m pytest tests/integration/test_marks.py \
+		tests/integration/test_bad_input.py tests/integration/test_call.py \
+		-k "not upstream" $(PYTEST_ARGS)
+	@if grep -l -E 'AddressSanitizer|LeakSanitizer' $(ASAN_LOGS)/* 2>/dev/null; then \
+		echo "test-asan: sanitizer reports above (in $(ASAN_LOGS))"; exit 1; \
+	else echo "test-asan: no AddressSanitizer or LeakSanitizer report"; fi
 
 clean:
 	rm -rf build results logs .pytest_cache .mypy_cache .ruff_cache
