@@ -8,7 +8,7 @@ BUILD := scripts/asterisk-build.sh
 PYTEST_ARGS ?=
 
 .PHONY: all setup asterisk asterisk-upstream check-patches devcheck demo test \
-	unit lint test-asan clean distclean help
+	unit lint test-asan bench clean distclean help
 
 all: help
 
@@ -23,6 +23,7 @@ help:
 	@echo "make unit             unit tests only (no Asterisk)"
 	@echo "make lint             ruff and mypy"
 	@echo "make test-asan        the real-call tests against an AddressSanitizer build"
+	@echo "make bench            benchmark patched against upstream (a few minutes)"
 
 setup:
 	@scripts/setup.sh
@@ -52,6 +53,9 @@ unit: setup
 
 test: asterisk asterisk-upstream devcheck lint
 	@$(PY) -m pytest $(PYTEST_ARGS)
+
+bench: asterisk asterisk-upstream
+	@$(PY) -m harness bench --out results/latest --update-readme
 
 # Once per change to the C patch: the integration tests against a build with
 # AddressSanitizer (and LeakSanitizer at exit). Any report fails the target.

@@ -7,12 +7,13 @@ the channel is ulaw end to end, so a frame's payload is unchanged on RTP.
 
 from __future__ import annotations
 
+import bisect
 import math
 import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from harness.audio import FRAME_BYTES
+from harness.audio import FRAME_BYTES, ULAW_SILENCE
 from harness.capture import RtpPacket
 
 #: How many frames ahead to look for a match when a frame is missing.
@@ -122,3 +123,129 @@ def mark_timings(
         rtp_t = frame_times[frame] if 0 <= frame < len(frame_times) else None
         result.append(MarkTiming(mark_id, frame, acks.get(mark_id), rtp_t))
     return result
+
+
+class StreamMap:
+    """Which RTP packet carried which bytes of the bot's audio stream.
+
+    chan_websocket re-frames the bot's stream, and when its queue runs dry
+    sends a partial frame padded with silence, so frame boundaries move;
+    byte offsets do not. Each payload is aligned with *sent* (the stream
+    the bot sent, from offset 0): the bytes that match are the bot's, a
+    tail of μ-law silence after them is padding.
+    """
+
+    def __init__(self, packets: Sequence[RtpPacket], sent: bytes) -> None:
+        ordered = sorted(packets, key=lambda p: (p.t, p.sequence))
+        self.starts: list[int] = []
+        self.times: list[float] = []
+        self.padding = 0
+        self.unmatched = 0
+        self.lost = 0
+        offset = 0
+        for p in ordered:
+            n = _common_prefix(p.payload, sent, offset)
+            if n == 0:
+                # Bytes that never reached RTP (upstream drops partial frames):
+                # find where this payload sits further on.
+                found = sent.find(p.payload[:RESYNC_BYTES], offset, offset + RESYNC_WINDOW)
+                if found < 0:
+                    self.unmatched += 1
+                    continue
+                self.lost += found - offset
+                offset = found
+                n = _common_prefix(p.payload, sent, offset)
+            if n < len(p.payload):
+                if p.payload[n:].strip(bytes([ULAW_SILENCE])):
+                    self.unmatched += 1
+                    continue
+                self.padding += len(p.payload) - n
+            self.starts.append(offset)
+            self.times.append(p.t)
+            offset += n
+        self.total = offset
+
+    def departure(self, offset: int) -> float | None:
+        """When the packet carrying stream byte *offset* left, or None."""
+        if not 0 <= offset < self.total:
+            return None
+        i = bisect.bisect_right(self.starts, offset) - 1
+        return self.times[i]
+
+    def gaps(self, slot_ms: float = 20.0) -> list[tuple[float, int, int]]:
+        """Silences inside the stream: (time, slots missed, offset resumed at)."""
+        result = []
+        for i in range(1, len(self.times)):
+            missed = round((self.times[i] - self.times[i - 1]) * 1000 / slot_ms) - 1
+            if missed > 0:
+                result.append((self.times[i - 1], missed, self.starts[i]))
+        return result
+
+
+#: Bytes of a payload used to find it again after lost bytes, and how far ahead.
+RESYNC_BYTES = 24
+RESYNC_WINDOW = 8000
+
+
+def _common_prefix(payload: bytes, sent: bytes, offset: int) -> int:
+    """How many leading bytes of *payload* equal *sent* from *offset*."""
+    window = sent[offset : offset + len(payload)]
+    if payload == window:
+        return len(payload)
+    n = 0
+    for a, b in zip(payload, window, strict=False):
+        if a != b:
+            break
+        n += 1
+    return n
+
+
+@dataclass(frozen=True)
+class MarkReport:
+    """Acknowledgment timing and accounting of one set of marks."""
+
+    errors_ms: list[float]
+    marks: int
+    acked: int
+    lost: int
+    duplicated: int
+    out_of_order: int
+
+    @property
+    def summary(self) -> Summary:
+        return Summary.of(self.errors_ms)
+
+
+def mark_report(
+    marks: Sequence[tuple[str, int]],
+    acks: Sequence[tuple[str, float]],
+    stream: StreamMap,
+) -> MarkReport:
+    """Compare each mark's ack time with the departure of the byte before it.
+
+    *marks* are (id, stream offset after the mark's audio), in the order
+    placed; *acks* are (id, time), in the order received. Lost marks have no
+    ack; duplicated ones have several; an ack is out of order when a mark
+    placed later was acknowledged before it.
+    """
+    index = {mark_id: i for i, (mark_id, _) in enumerate(marks)}
+    seen: dict[str, float] = {}
+    duplicated = 0
+    out_of_order = 0
+    highest = -1
+    for mark_id, t in acks:
+        if mark_id in seen:
+            duplicated += 1
+            continue
+        seen[mark_id] = t
+        i = index.get(mark_id, -1)
+        if i < highest:
+            out_of_order += 1
+        highest = max(highest, i)
+    errors = []
+    for mark_id, offset in marks:
+        rtp_t = stream.departure(offset - 1)
+        if mark_id in seen and rtp_t is not None:
+            errors.append((seen[mark_id] - rtp_t) * 1000.0)
+    lost = sum(1 for mark_id, _ in marks if mark_id not in seen)
+    return MarkReport(errors, len(marks), len(seen), lost, duplicated, out_of_order)

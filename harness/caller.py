@@ -32,6 +32,9 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
+#: Concurrent calls one SipPhone can hold (the benchmark places 30 at once).
+MAX_CALLS = 64
+
 
 class CallerError(RuntimeError):
     """The SIP caller failed (no pjsua2, call rejected, timeout)."""
@@ -219,6 +222,7 @@ class SipPhone:
             ep.libCreate()
         cfg = pj.EpConfig()
         cfg.uaConfig.threadCnt = 0
+        cfg.uaConfig.maxCalls = MAX_CALLS
         cfg.uaConfig.mainThreadOnly = False
         cfg.uaConfig.userAgent = "asterisk-marks-harness"
         cfg.logConfig.level = self.log_level

@@ -8,17 +8,19 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 import os
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
-from harness import analysis, audio
+from harness import analysis, audio, bench, report
 from harness.asterisk import REPO_ROOT, AsteriskError, find_install
 from harness.bot import BotError, BotSession
-from harness.caller import CallerError
+from harness.caller import CallerError, SipPhone
 from harness.capture import CaptureError, check_capture_possible
 from harness.events import ControlFormat, Event
 from harness.rig import Rig
@@ -125,6 +127,33 @@ async def demo(args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
+def bench_command(args: argparse.Namespace) -> int:
+    say = Progress()
+    logdir = setup_logging("bench")
+    check_capture_possible()
+    installs = {"patched": find_install("patched"), "upstream": find_install("upstream")}
+    cfg = bench.BenchConfig.quick() if args.quick else bench.BenchConfig()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    say(f"benchmark ({'quick' if args.quick else 'full'}): results in {out}, logs in {logdir}")
+
+    async def measure() -> dict[str, Any]:
+        async with SipPhone(logdir / "pjsua2") as phone:
+            return await bench.run(installs, cfg, out, phone, say)
+
+    results = asyncio.run(measure())
+    (out / "bench.json").write_text(json.dumps(results, indent=2))
+    table = report.markdown(results)
+    (out / "bench.md").write_text(table)
+    for path in report.plots(results, out):
+        say(f"plot: {path}")
+    if args.update_readme and report.update_readme(REPO_ROOT / "README.md", table):
+        say("README.md: benchmark table updated")
+    print()
+    print(table)
+    return 0
+
+
 def print_events(events: Sequence[Event], t0: float) -> None:
     print()
     print("Events from Asterisk (ms since the call was up)")
@@ -140,6 +169,12 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--upstream", action="store_true", help="use build/asterisk-upstream")
     d.add_argument("--tone", action="store_true", help="stream a tone, not speech")
     d.add_argument("--text", default=DEMO_TEXT, help="what the bot says")
+    b = sub.add_parser("bench", help="benchmark marks, pacing and barge-in, patched and upstream")
+    b.add_argument("--quick", action="store_true", help="the short version (about a minute)")
+    b.add_argument("--out", default=str(REPO_ROOT / "results" / "latest"))
+    b.add_argument(
+        "--update-readme", action="store_true", help="put the Markdown table in README.md"
+    )
     return parser
 
 
@@ -148,6 +183,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "demo":
             return asyncio.run(demo(args))
+        if args.command == "bench":
+            return bench_command(args)
     except (AsteriskError, BotError, CallerError, CaptureError, TimeoutError) as exc:
         print(f"astmarks: error: {exc}", file=sys.stderr)
         return 2

@@ -55,3 +55,45 @@ def test_summary() -> None:
     assert (s.n, s.median, s.p95, s.p99, s.max, s.min) == (100, 50.5, 95, 99, 100, 1)
     assert analysis.Summary.of([]).n == 0
     assert "median" in str(s)
+
+
+def test_stream_map_aligns_padding_and_lost_bytes() -> None:
+    sent = audio.tagged_frames(0, 4)[:600]  # 3 frames + 120 bytes
+    padded = sent[480:600] + b"\xff" * 40
+    packets = [
+        pkt(1.00, sent[0:160], 1),
+        pkt(1.02, sent[160:320], 2),
+        pkt(1.04, sent[320:480], 3),
+        pkt(1.06, padded, 4),
+    ]
+    m = analysis.StreamMap(packets, sent)
+    assert m.total == 600
+    assert m.padding == 40
+    assert m.lost == 0
+    assert m.departure(0) == 1.00 and m.departure(479) == 1.04 and m.departure(599) == 1.06
+    assert m.departure(600) is None
+    # Upstream drops a partial frame: the map finds the next payload further on.
+    dropped = [pkt(1.0, sent[0:160], 1), pkt(1.02, sent[200:360], 2)]
+    m = analysis.StreamMap(dropped, sent)
+    assert m.lost == 40
+    assert m.departure(200) == 1.02
+
+
+def test_stream_map_gaps() -> None:
+    sent = audio.tagged_frames(0, 4)
+    packets = [pkt(1.0, sent[0:160]), pkt(1.02, sent[160:320]), pkt(1.1, sent[320:480])]
+    assert analysis.StreamMap(packets, sent).gaps() == [(1.02, 3, 320)]
+
+
+def test_mark_report_counts_lost_duplicated_and_out_of_order() -> None:
+    sent = audio.tagged_frames(0, 3)
+    stream = analysis.StreamMap(
+        [pkt(1.0, sent[:160]), pkt(1.02, sent[160:320]), pkt(1.04, sent[320:])], sent
+    )
+    marks = [("a", 160), ("b", 320), ("c", 480), ("d", 480)]
+    acks = [("a", 1.0001), ("c", 1.0402), ("b", 1.0203), ("b", 1.03)]
+    report = analysis.mark_report(marks, acks, stream)
+    assert (report.marks, report.acked, report.lost) == (4, 3, 1)
+    assert report.duplicated == 1
+    assert report.out_of_order == 1
+    assert [round(e, 2) for e in report.errors_ms] == [0.1, 0.3, 0.2]

@@ -1,0 +1,390 @@
+"""``make bench``: mark timing, accounting, CPU, pacing and barge-in, patched
+against upstream, on real calls.
+
+Every scenario runs real SIP calls into a real Asterisk with tcpdump writing
+the loopback traffic to a pcap file; the analysis happens after the calls, so
+the capture does not compete with them. An acknowledgment's time is taken
+twice: when its TCP segment left Asterisk (kernel timestamp in the capture,
+comparable with the RTP departures) and when the bot's event loop read it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import functools
+import logging
+import os
+import platform
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from harness import analysis, audio, tts
+from harness.analysis import MarkReport, StreamMap, Summary
+from harness.events import ProtocolError, parse_event
+from harness.pacer import Pacer, Strategy
+from harness.pcap import TcpdumpCapture, read_packets, rtp_by_destination, websocket_messages
+from harness.rig import LiveCall, Rig
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[str], None]
+ACKS = ("MARK_PLAYED", "MEDIA_MARK_PROCESSED")
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """What to run. :meth:`quick` is the short version the tests run."""
+
+    concurrency: tuple[int, ...] = (1, 10, 30)
+    granularities_ms: tuple[int, ...] = (200, 20)
+    seconds: float = 4.0
+    cpu_calls: int = 30
+    cpu_seconds: float = 6.0
+    pacing_ms: int = 60_000
+    bargein_trials: int = 10
+    seed: int = 7
+
+    @classmethod
+    def quick(cls) -> BenchConfig:
+        return cls(
+            concurrency=(1, 4),
+            granularities_ms=(200, 20),
+            seconds=2.0,
+            cpu_calls=4,
+            cpu_seconds=3.0,
+            pacing_ms=6000,
+            bargein_trials=3,
+        )
+
+
+@dataclass
+class CallOutcome:
+    """One call of a load run: what was sent and the marks placed."""
+
+    live: LiveCall
+    sent: bytes = b""
+    marks: list[tuple[str, int]] = field(default_factory=list)
+
+
+# --- helpers ------------------------------------------------------------------------
+
+
+def capture_filter(rig: Rig) -> str:
+    assert rig.asterisk is not None
+    s = rig.asterisk.settings
+    return f"(udp and src portrange {s.rtp_start}-{s.rtp_end}) or (tcp and dst port {rig.bot.port})"
+
+
+def asterisk_cpu_seconds(rig: Rig) -> float:
+    """CPU time of the Asterisk process so far, all threads (schedstat, in ns)."""
+    assert rig.asterisk is not None and rig.asterisk.process is not None
+    total = 0
+    for task in Path(f"/proc/{rig.asterisk.process.pid}/task").iterdir():
+        try:
+            total += int((task / "schedstat").read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            continue  # a thread that just ended
+    return total / 1e9
+
+
+async def stream_marked(
+    call: CallOutcome, seconds: float, granularity_ms: int, mark_cmd: str | None
+) -> None:
+    """Send *seconds* of tagged audio in real time, a mark after every chunk."""
+    s = call.live.session
+    size = granularity_ms * audio.BYTES_PER_MS
+    count = int(seconds * 1000 / granularity_ms)
+    data = audio.tagged_frames(0, count * size // audio.FRAME_BYTES)
+    ahead = max(2, 60 // granularity_ms)
+    start = time.monotonic()
+    for k in range(count):
+        delay = start + max(0, k - ahead) * granularity_ms / 1000 - time.monotonic()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        await s.send_audio(data[k * size : (k + 1) * size])
+        call.sent += data[k * size : (k + 1) * size]
+        if mark_cmd is not None:
+            mark_id = f"{call.live.tag}-{k}"
+            call.marks.append((mark_id, len(call.sent)))
+            await s.command(mark_cmd, mark_id)
+    if call.marks:
+        await s.wait_mark(call.marks[-1][0], ACKS, timeout=seconds + 10)
+    else:
+        await asyncio.sleep(ahead * granularity_ms / 1000 + 0.2)
+
+
+async def load_run(
+    rig: Rig, calls: int, body: Callable[[CallOutcome], Any], pcap: Path
+) -> tuple[list[CallOutcome], Any]:
+    """Place *calls* calls at once, run *body* on each, capture it all."""
+    outcomes: list[CallOutcome] = []
+    ready = asyncio.Event()
+    started = 0
+
+    async def one() -> None:
+        nonlocal started
+        async with rig.call(capture=False) as live:
+            outcome = CallOutcome(live)
+            outcomes.append(outcome)
+            started += 1
+            if started == calls:
+                ready.set()
+            await ready.wait()
+            await body(outcome)
+
+    async with TcpdumpCapture(capture_filter(rig), pcap):
+        await asyncio.gather(*(one() for _ in range(calls)))
+    return outcomes, read_packets(pcap)
+
+
+def reports(
+    outcomes: Sequence[CallOutcome], packets: Any, bot_port: int
+) -> tuple[MarkReport, MarkReport]:
+    """Mark reports over all calls: by the wire (capture) and by the bot."""
+    rtp = rtp_by_destination(packets)
+    ws = websocket_messages(packets, bot_port)
+    wire_all = MarkReport([], 0, 0, 0, 0, 0)
+    bot_all = MarkReport([], 0, 0, 0, 0, 0)
+    for call in outcomes:
+        local = call.live.sip.record.local_rtp
+        stream = StreamMap(rtp.get(local[1] if local else -1, []), call.sent)
+        remote = call.live.session.connection.remote_address
+        wire_acks = []
+        for msg in ws.get(int(remote[1]) if remote else -1, []):
+            try:
+                event = parse_event(msg.text)
+            except ProtocolError:
+                continue
+            if event.name in ACKS and event.mark_id is not None:
+                wire_acks.append((event.mark_id, msg.t))
+        bot_acks = [
+            (e.mark_id, e.t) for e in call.live.session.named(*ACKS) if e.mark_id is not None
+        ]
+        wire_all = merge(wire_all, analysis.mark_report(call.marks, wire_acks, stream))
+        bot_all = merge(bot_all, analysis.mark_report(call.marks, bot_acks, stream))
+    return wire_all, bot_all
+
+
+def merge(a: MarkReport, b: MarkReport) -> MarkReport:
+    return MarkReport(
+        a.errors_ms + b.errors_ms,
+        a.marks + b.marks,
+        a.acked + b.acked,
+        a.lost + b.lost,
+        a.duplicated + b.duplicated,
+        a.out_of_order + b.out_of_order,
+    )
+
+
+def summary_dict(s: Summary) -> dict[str, float]:
+    return {k: round(v, 3) for k, v in asdict(s).items()}
+
+
+# --- scenarios ----------------------------------------------------------------------
+
+
+async def bench_timing(
+    rigs: dict[str, Rig], cfg: BenchConfig, out: Path, say: Progress
+) -> list[dict[str, Any]]:
+    rows = []
+    for build, rig in rigs.items():
+        mark_cmd = "MARK" if build == "patched" else "MARK_MEDIA"
+        for gran in cfg.granularities_ms:
+            for n in cfg.concurrency:
+                say(f"timing: {build}, {n} call(s), a mark every {gran} ms")
+                pcap = out / f"timing-{build}-{n}-{gran}.pcap"
+                body = functools.partial(
+                    stream_marked, seconds=cfg.seconds, granularity_ms=gran, mark_cmd=mark_cmd
+                )
+                outcomes, packets = await load_run(rig, n, body, pcap)
+                wire, bot = reports(outcomes, packets, rig.bot.port)
+                pcap.unlink(missing_ok=True)
+                rows.append(
+                    {
+                        "build": build,
+                        "calls": n,
+                        "mark_every_ms": gran,
+                        "marks": wire.marks,
+                        "lost": wire.lost,
+                        "duplicated": wire.duplicated,
+                        "out_of_order": wire.out_of_order,
+                        "wire": summary_dict(wire.summary),
+                        "bot": summary_dict(bot.summary),
+                        "wire_errors_ms": [round(e, 3) for e in wire.errors_ms],
+                    }
+                )
+                say(
+                    f"  {wire.marks} marks, lost {wire.lost}; ack-RTP on the wire "
+                    f"{wire.summary}; at the bot {bot.summary}"
+                )
+    return rows
+
+
+async def bench_cpu(rig: Rig, cfg: BenchConfig, out: Path, say: Progress) -> dict[str, Any]:
+    result: dict[str, Any] = {"calls": cfg.cpu_calls, "seconds": cfg.cpu_seconds}
+    for label, mark_cmd in (("without_marks", None), ("marks_every_20ms", "MARK")):
+        say(f"cpu: {cfg.cpu_calls} calls for {cfg.cpu_seconds:.0f} s, {label.replace('_', ' ')}")
+        samples = []
+        for attempt in range(2):
+            cpu0 = asterisk_cpu_seconds(rig)
+            t0 = time.monotonic()
+            body = functools.partial(
+                stream_marked, seconds=cfg.cpu_seconds, granularity_ms=20, mark_cmd=mark_cmd
+            )
+            await load_run(rig, cfg.cpu_calls, body, out / f"cpu-{label}-{attempt}.pcap")
+            (out / f"cpu-{label}-{attempt}.pcap").unlink(missing_ok=True)
+            cpu = asterisk_cpu_seconds(rig) - cpu0
+            samples.append(cpu / (cfg.cpu_calls * cfg.cpu_seconds) * 1000)
+            log.info("cpu %s: %.3f s over %.1f s", label, cpu, time.monotonic() - t0)
+        result[label] = {
+            "cpu_ms_per_call_second": round(min(samples), 3),
+            "runs": [round(x, 3) for x in samples],
+        }
+        say(f"  {min(samples):.2f} ms of Asterisk CPU per call-second (runs {samples})")
+    base = result["without_marks"]["cpu_ms_per_call_second"]
+    marked = result["marks_every_20ms"]["cpu_ms_per_call_second"]
+    result["overhead_percent"] = round((marked - base) / base * 100, 2) if base else None
+    return result
+
+
+def pacing_metrics(outcome: CallOutcome, result: Any) -> dict[str, Any]:
+    """Underruns and latency of a paced response, from the capture."""
+    stream = StreamMap(outcome.live.packets, outcome.sent)
+    chunks = result.chunks
+    generated_at = {c.offset - result.start_offset: c.generated for c in chunks}
+    offsets = sorted(generated_at)
+    underruns = starved = 0
+    for t_gap, missed, resumed in stream.gaps():
+        i = max(0, bisect.bisect_right(offsets, resumed) - 1)
+        generated = generated_at[offsets[i]] if offsets else float("inf")
+        if generated <= t_gap + 0.02:
+            underruns += missed  # the bot had the audio that came next
+        else:
+            starved += missed  # the engine had not produced it yet
+    latency = []
+    queue = []
+    for c in chunks:
+        t = stream.departure(c.offset - result.start_offset)
+        if t is not None and c.sent is not None:
+            latency.append((t - c.generated) * 1000)
+            queue.append((t - c.sent) * 1000)
+    return {
+        "chunks": len(chunks),
+        "underrun_slots": underruns,
+        "tts_starved_slots": starved,
+        "latency_generated_to_rtp": summary_dict(Summary.of(latency)),
+        "latency_sent_to_rtp": summary_dict(Summary.of(queue)),
+        "padding_bytes": stream.padding,
+        "lost_bytes": stream.lost + max(0, len(outcome.sent) - stream.total - stream.lost),
+        "fallback": result.fallback,
+        "latency_values": [round(v, 2) for v in latency],
+    }
+
+
+async def bench_pacing(rigs: dict[str, Rig], cfg: BenchConfig, say: Progress) -> dict[str, Any]:
+    """One response paced four ways at once: marks, clock, drained; marks on upstream."""
+    say(
+        f"pacing: a {cfg.pacing_ms / 1000:.0f} s response generated in real time, "
+        "paced by marks, by a clock estimate, by QUEUE_DRAINED, and by marks on upstream"
+    )
+    runs = [
+        ("marks", "patched", Strategy.MARKS),
+        ("clock", "patched", Strategy.CLOCK),
+        ("drained", "patched", Strategy.DRAINED),
+        ("marks-on-upstream", "upstream", Strategy.MARKS),
+    ]
+    profile = tts.TtsProfile(seed=cfg.seed)
+    results: dict[str, Any] = {}
+
+    async def one(name: str, build: str, strategy: Strategy) -> None:
+        async with rigs[build].call() as live:
+            outcome = CallOutcome(live)
+            pacer = Pacer(live.session, strategy=strategy)
+            result = await pacer.play(tts.stream(cfg.pacing_ms, profile))
+            await asyncio.sleep(0.5)
+        outcome.sent = b"".join(d for d, _ in tts.plan(cfg.pacing_ms, profile))
+        results[name] = pacing_metrics(outcome, result)
+
+    await asyncio.gather(*(one(*r) for r in runs if r[1] in rigs))
+    for name, m in results.items():
+        say(
+            f"  {name}: {m['underrun_slots']} underrun slots, "
+            f"{m['tts_starved_slots']} starved by the engine; generated->RTP median "
+            f"{m['latency_generated_to_rtp']['median']:.0f} ms, sent->RTP median "
+            f"{m['latency_sent_to_rtp']['median']:.0f} ms p95 "
+            f"{m['latency_sent_to_rtp']['p95']:.0f} ms"
+        )
+    return results
+
+
+async def bench_bargein(rig: Rig, cfg: BenchConfig, say: Progress) -> dict[str, Any]:
+    say(f"barge-in: {cfg.bargein_trials} responses flushed at random points")
+    rng = random.Random(cfg.seed)
+    trials: list[dict[str, float]] = []
+
+    async def one(delay: float, seed: int) -> None:
+        async with rig.call() as live:
+            pacer = Pacer(live.session)
+            task = asyncio.create_task(pacer.play(tts.stream(8000, tts.TtsProfile(seed=seed))))
+            await asyncio.sleep(delay)
+            clock_est = pacer.clock_heard_ms()
+            pacer.barge_in()
+            result = await task
+            await asyncio.sleep(0.3)
+        sent = b"".join(d for d, _ in tts.plan(8000, tts.TtsProfile(seed=seed)))
+        stream = StreamMap(live.packets, sent)
+        truth = audio.ms_of(stream.total)
+        trials.append(
+            {
+                "at_s": round(delay, 3),
+                "truth_ms": truth,
+                "flush_event_ms": result.heard_ms or 0.0,
+                "clock_estimate_ms": clock_est,
+            }
+        )
+
+    await asyncio.gather(*(one(rng.uniform(0.8, 5.0), 100 + i) for i in range(cfg.bargein_trials)))
+    flush_err = [t["flush_event_ms"] - t["truth_ms"] for t in trials]
+    clock_err = [t["clock_estimate_ms"] - t["truth_ms"] for t in trials]
+    res = {
+        "trials": trials,
+        "flush_event_error_ms": summary_dict(Summary.of([abs(e) for e in flush_err])),
+        "clock_estimate_error_ms": summary_dict(Summary.of([abs(e) for e in clock_err])),
+    }
+    say(f"  |error| of MEDIA_FLUSHED's position: {Summary.of([abs(e) for e in flush_err])}")
+    say(f"  |error| of the clock estimate:      {Summary.of([abs(e) for e in clock_err])}")
+    return res
+
+
+# --- the run ------------------------------------------------------------------------
+
+
+async def run(
+    installs: dict[str, Path], cfg: BenchConfig, out: Path, phone: Any, say: Progress
+) -> dict[str, Any]:
+    """Every scenario; returns the results. *out* must exist."""
+    t0 = time.monotonic()
+    results: dict[str, Any] = {
+        "config": asdict(cfg),
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
+        "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    rigs: dict[str, Rig] = {}
+    try:
+        for build, install in installs.items():
+            rigs[build] = Rig(install, out / build, phone=phone, name=f"asterisk-{build}")
+            await rigs[build].start()
+        results["timing"] = await bench_timing(rigs, cfg, out, say)
+        results["cpu"] = await bench_cpu(rigs["patched"], cfg, out, say)
+        results["pacing"] = await bench_pacing(rigs, cfg, say)
+        results["bargein"] = await bench_bargein(rigs["patched"], cfg, say)
+    finally:
+        for rig in rigs.values():
+            await rig.stop()
+    results["elapsed_s"] = round(time.monotonic() - t0, 1)
+    return results
