@@ -143,26 +143,31 @@ class StreamMap:
         self.unmatched = 0
         self.lost = 0
         offset = 0
+        # Silence in the stream looks like padding: how many of the bytes last
+        # taken as the stream's might have been padding instead.
+        ambiguous = 0
         for p in ordered:
             n = _common_prefix(p.payload, sent, offset)
-            if n == 0:
-                # Bytes that never reached RTP (upstream drops partial frames):
-                # find where this payload sits further on.
-                found = sent.find(p.payload[:RESYNC_BYTES], offset, offset + RESYNC_WINDOW)
-                if found < 0:
+            if not _is_stream_then_padding(p.payload, n):
+                # Step back over silence taken for stream bytes, or skip bytes
+                # that never reached RTP (upstream drops partial frames).
+                head = p.payload[:RESYNC_BYTES]
+                found = sent.find(head, offset - ambiguous, offset + RESYNC_WINDOW)
+                n = _common_prefix(p.payload, sent, found) if found >= 0 else 0
+                if found < 0 or not _is_stream_then_padding(p.payload, n):
                     self.unmatched += 1
                     continue
-                self.lost += found - offset
+                if found < offset:
+                    self.padding += offset - found
+                else:
+                    self.lost += found - offset
                 offset = found
-                n = _common_prefix(p.payload, sent, offset)
-            if n < len(p.payload):
-                if p.payload[n:].strip(bytes([ULAW_SILENCE])):
-                    self.unmatched += 1
-                    continue
-                self.padding += len(p.payload) - n
+            self.padding += len(p.payload) - n
             self.starts.append(offset)
             self.times.append(p.t)
             offset += n
+            tail = p.payload[:n]
+            ambiguous = len(tail) - len(tail.rstrip(bytes([ULAW_SILENCE])))
         self.total = offset
 
     def departure(self, offset: int) -> float | None:
@@ -185,6 +190,11 @@ class StreamMap:
 #: Bytes of a payload used to find it again after lost bytes, and how far ahead.
 RESYNC_BYTES = 24
 RESYNC_WINDOW = 8000
+
+
+def _is_stream_then_padding(payload: bytes, n: int) -> bool:
+    """Whether *payload* is *n* > 0 stream bytes followed only by silence."""
+    return n > 0 and not payload[n:].strip(bytes([ULAW_SILENCE]))
 
 
 def _common_prefix(payload: bytes, sent: bytes, offset: int) -> int:
@@ -247,5 +257,5 @@ def mark_report(
         rtp_t = stream.departure(offset - 1)
         if mark_id in seen and rtp_t is not None:
             errors.append((seen[mark_id] - rtp_t) * 1000.0)
-    lost = sum(1 for mark_id, _ in marks if mark_id not in seen)
-    return MarkReport(errors, len(marks), len(seen), lost, duplicated, out_of_order)
+    acked = sum(1 for mark_id, _ in marks if mark_id in seen)
+    return MarkReport(errors, len(marks), acked, len(marks) - acked, duplicated, out_of_order)

@@ -17,23 +17,26 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from harness import analysis, audio, bench, report
+from harness import analysis, audio, bench, report, tts
 from harness.asterisk import REPO_ROOT, AsteriskError, find_install
-from harness.bot import BotError, BotSession
+from harness.bot import BotError
 from harness.caller import CallerError, SipPhone
 from harness.capture import CaptureError, check_capture_possible
 from harness.events import ControlFormat, Event
+from harness.pacer import Pacer
 from harness.rig import Rig
 
 log = logging.getLogger("harness.cli")
 
 DEMO_TEXT = (
     "Hello. This audio is streamed by a bot over Asterisk's WebSocket channel, "
-    "in chunks of two hundred milliseconds. After each chunk the bot places a mark, "
-    "and Asterisk tells it when the audio before the mark has been played."
+    "in chunks of uneven size, as a text to speech engine makes them. After each chunk "
+    "the bot places a mark, and Asterisk tells it when the audio before the mark has "
+    "been played."
 )
-CHUNK_BYTES = 1600  # 200 ms of μ-law
-AHEAD = 2  # chunks queued in Asterisk ahead of the one playing
+
+
+ACK_EVENTS = ("MARK_PLAYED", "MEDIA_MARK_PROCESSED")
 
 
 class Progress:
@@ -58,14 +61,6 @@ def setup_logging(command: str) -> Path:
     return logdir
 
 
-def mark_command(session: BotSession) -> tuple[str, str]:
-    """MARK on a driver that advertises it in MEDIA_START, else MARK_MEDIA."""
-    start = session.media_start
-    if start is not None and "MARK" in str(start.get("capabilities", "")).split(","):
-        return "MARK", "MARK_PLAYED"
-    return "MARK_MEDIA", "MEDIA_MARK_PROCESSED"
-
-
 async def demo(args: argparse.Namespace) -> int:
     say = Progress()
     logdir = setup_logging("demo")
@@ -76,11 +71,9 @@ async def demo(args: argparse.Namespace) -> int:
     prompt = (
         audio.Prompt(audio.tone(440.0, 3000), "tone")
         if args.tone
-        else (audio.render_prompt(args.text))
+        else audio.render_prompt(args.text)
     )
-    # Whole 20 ms frames: upstream chan_websocket drops a trailing partial frame.
-    prompt = audio.Prompt(audio.pad_to_frames(prompt.ulaw), prompt.source)
-    say(f"prompt: {prompt.ms / 1000:.1f} s of μ-law from {prompt.source}")
+    say(f"prompt: {prompt.ms / 1000:.2f} s of μ-law from {prompt.source}")
     fmt = ControlFormat(args.format)
     say(f"starting Asterisk ({flavour}: {install.resolve()})")
     async with Rig(install, logdir, name=f"asterisk-{flavour}") as rig:
@@ -89,40 +82,59 @@ async def demo(args: argparse.Namespace) -> int:
         say("calling: pjsua2 -> PJSIP -> Dial(WebSocket/bot) -> bot")
         async with rig.call(control_format=fmt, pcap=logdir / "rtp.pcap") as call:
             session = call.session
-            mark_cmd, ack_name = mark_command(session)
-            say(f"connected ({fmt.value} control messages); marks with {mark_cmd} -> {ack_name}")
-            chunks = audio.chunks(prompt.ulaw, CHUNK_BYTES)
-            marks: list[tuple[str, int]] = []
-            sent = 0
-            for k, chunk in enumerate(chunks):
-                if k >= AHEAD:
-                    await session.wait_mark(f"chunk-{k - AHEAD}", (ack_name,), timeout=10.0)
-                await session.send_audio(chunk)
-                sent += len(chunk)
-                marks.append((f"chunk-{k}", sent))
-                await session.command(mark_cmd, f"chunk-{k}")
-            await session.wait_mark(marks[-1][0], (ack_name,), timeout=10.0)
-            await asyncio.sleep(0.2)
-            say("prompt played; hanging up")
+            pacer = Pacer(session, target_ms=args.target_ms)
+            how = "MARK_MEDIA and a clock (no MARK here)" if pacer.fallback else "MARK"
+            say(
+                f"connected ({fmt.value}); streaming the prompt as a TTS engine would, "
+                f"a mark per chunk with {how}, about {args.target_ms:.0f} ms queued"
+            )
+            playing = asyncio.create_task(pacer.play(tts.speak(prompt.ulaw)))
+            if args.barge_in is not None:
+                await asyncio.sleep(args.barge_in)
+                say(f"the caller barges in after {args.barge_in:.1f} s: flushing")
+                pacer.barge_in()
+            result = await playing
+            if not result.interrupted:
+                await session.wait_mark(result.marks[-1][0], ACK_EVENTS, timeout=10.0)
+            await asyncio.sleep(0.3)
+            say("hanging up")
         packets = call.packets
     print_events(session.events, call.started)
-    frames = analysis.split_frames(prompt.ulaw)
-    times = analysis.departures(packets, frames)
-    acks = {e.mark_id: e.t for e in session.named(ack_name) if e.mark_id}
-    timings = analysis.mark_timings(marks, acks, times)
-    errors = [t.error_ms for t in timings if t.error_ms is not None]
-    matched = sum(t is not None for t in times)
+    sent = prompt.ulaw[: result.sent_bytes]
+    stream = analysis.StreamMap(packets, sent)
+    acks = [(e.mark_id, e.t) for e in session.named(*ACK_EVENTS) if e.mark_id]
+    marks = analysis.mark_report(result.marks, acks, stream)
+    cleared = {e.mark_id for e in session.named("MARK_CLEARED")}
+    unanswered = sum(1 for m, _ in result.marks if m not in cleared) - marks.acked
+    clean = stream.lost == 0 and stream.unmatched == 0
     print()
     print("Summary")
     print(f"  build:            {flavour} ({install.resolve()})")
     print(
-        f"  prompt:           {prompt.ms / 1000:.2f} s, {len(frames)} frames, {len(chunks)} chunks"
+        f"  prompt:           {prompt.ms / 1000:.2f} s; {len(result.chunks)} chunks of "
+        "uneven size sent"
     )
-    print(f"  RTP to caller:    {len(packets)} packets; {matched}/{len(frames)} frames byte-exact")
-    print(f"  marks:            {len(marks)} sent, {len(acks)} acknowledged ({ack_name})")
-    print(f"  ack - RTP:        {analysis.Summary.of(errors)}")
+    print(
+        f"  RTP to caller:    {len(packets)} packets; {audio.ms_of(stream.total):.1f} of "
+        f"{audio.ms_of(len(sent)):.1f} ms sent arrived byte-exact"
+        + ("" if not stream.lost else f", {audio.ms_of(stream.lost):.1f} ms lost")
+    )
+    print(
+        f"  marks:            {marks.marks} placed: {marks.acked} played, {len(cleared)} "
+        f"cleared by the flush, {unanswered} unanswered"
+    )
+    print(f"  ack - RTP:        {marks.summary}")
+    ok = clean and unanswered == 0
+    if result.interrupted:
+        heard = audio.ms_of(stream.total)
+        print(
+            f"  barge-in:         MEDIA_FLUSHED says {result.heard_ms:.1f} ms were heard; "
+            f"RTP carried {heard:.1f} ms"
+        )
+        ok = ok and result.heard_ms is not None and abs(result.heard_ms - heard) <= 20
+    else:
+        ok = ok and stream.total == len(sent)
     print(f"  logs:             {logdir}")
-    ok = matched == len(frames) and len(acks) == len(marks)
     print("  result:           " + ("OK" if ok else "INCOMPLETE"))
     return 0 if ok else 1
 
@@ -169,6 +181,18 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--upstream", action="store_true", help="use build/asterisk-upstream")
     d.add_argument("--tone", action="store_true", help="stream a tone, not speech")
     d.add_argument("--text", default=DEMO_TEXT, help="what the bot says")
+    d.add_argument(
+        "--target-ms",
+        type=float,
+        default=40.0,
+        help="audio to keep queued in Asterisk (default 40)",
+    )
+    d.add_argument(
+        "--barge-in",
+        type=float,
+        metavar="SECONDS",
+        help="interrupt the prompt after SECONDS and report what was heard",
+    )
     b = sub.add_parser("bench", help="benchmark marks, pacing and barge-in, patched and upstream")
     b.add_argument("--quick", action="store_true", help="the short version (about a minute)")
     b.add_argument("--out", default=str(REPO_ROOT / "results" / "latest"))

@@ -65,6 +65,8 @@ class PacingResult:
     heard_ms: float | None = None  # on barge-in: how much the caller got, as the pacer knows it
     flushed: Event | None = None
     fallback: bool = False  # MARK was not available
+    #: (mark id, stream offset after the chunk) of each mark placed
+    marks: list[tuple[str, int]] = field(default_factory=list)
 
     @property
     def sent_bytes(self) -> int:
@@ -211,7 +213,9 @@ class Pacer:
                 await self._wait_turn(drained_after)
                 if self._barge_in.is_set():
                     break
-                await self._send(chunk, data, prefix, use_mark)
+                mark_id = await self._send(chunk, data, prefix, use_mark)
+                if mark_id is not None:
+                    result.marks.append((mark_id, chunk.offset + chunk.size))
                 if self.strategy is Strategy.DRAINED:
                     drained_after = len(self.session.events) - 1
                     await self.session.command("REPORT_QUEUE_DRAINED")
@@ -253,16 +257,21 @@ class Pacer:
         self._generation.append(time.monotonic() - asked)
         return data
 
-    async def _send(self, chunk: SentChunk, data: bytes, prefix: str, use_mark: bool) -> None:
+    async def _send(self, chunk: SentChunk, data: bytes, prefix: str, use_mark: bool) -> str | None:
+        """Send a chunk and its mark; return the mark's id, if one was placed."""
         now = time.time()
         await self.session.send_audio(data)
         chunk.sent = now
         self._play_end = max(self._play_end, now) + audio.ms_of(len(data)) / 1000
         self._sends.append((now, audio.ms_of(len(data))))
+        mark_id = f"{prefix}-{chunk.index}"
         if use_mark:
-            await self.session.command("MARK", f"{prefix}-{chunk.index}")
+            await self.session.command("MARK", mark_id)
         elif self.fallback:
-            await self.session.command("MARK_MEDIA", f"{prefix}-{chunk.index}")
+            await self.session.command("MARK_MEDIA", mark_id)
+        else:
+            return None
+        return mark_id
 
     def clock_heard_ms(self) -> float:
         """How much of the current response a clock estimate says was played."""

@@ -33,10 +33,16 @@ class TtsProfile:
 
 
 def plan(total_ms: int, profile: TtsProfile) -> list[tuple[bytes, float]]:
-    """The chunks of a *total_ms* response, each with its generation time (s)."""
-    rng = random.Random(profile.seed)
+    """The chunks of a *total_ms* response of tagged frames, each with its
+    generation time (s)."""
     frames = -(-total_ms // audio.FRAME_MS)
     data = audio.tagged_frames(0, frames)[: total_ms * audio.BYTES_PER_MS]
+    return plan_audio(data, profile)
+
+
+def plan_audio(data: bytes, profile: TtsProfile) -> list[tuple[bytes, float]]:
+    """*data* cut into chunks the way the engine would, each with its generation time."""
+    rng = random.Random(profile.seed)
     chunks: list[tuple[bytes, float]] = []
     offset = 0
     while offset < len(data):
@@ -52,8 +58,18 @@ def plan(total_ms: int, profile: TtsProfile) -> list[tuple[bytes, float]]:
     return chunks
 
 
-async def stream(total_ms: int, profile: TtsProfile | None = None) -> AsyncIterator[bytes]:
-    """Yield the chunks of a *total_ms* response, generating each when asked."""
-    for data, delay in plan(total_ms, profile or TtsProfile()):
+async def replay(chunks: list[tuple[bytes, float]]) -> AsyncIterator[bytes]:
+    """Yield planned chunks, generating each when asked."""
+    for data, delay in chunks:
         await asyncio.sleep(delay)
         yield data
+
+
+def stream(total_ms: int, profile: TtsProfile | None = None) -> AsyncIterator[bytes]:
+    """Yield the chunks of a *total_ms* response, generating each when asked."""
+    return replay(plan(total_ms, profile or TtsProfile()))
+
+
+def speak(data: bytes, profile: TtsProfile | None = None) -> AsyncIterator[bytes]:
+    """Stream rendered speech (*data*, μ-law) the way the engine would."""
+    return replay(plan_audio(data, profile or TtsProfile()))

@@ -20,6 +20,7 @@ from harness.rig import Rig
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 TESTS = Path(__file__).resolve().parent
+ROOT = TESTS.parent
 
 #: Figures measured by tests, printed at the end of the run.
 MEASURED: list[tuple[str, str]] = []

@@ -97,3 +97,15 @@ def test_mark_report_counts_lost_duplicated_and_out_of_order() -> None:
     assert report.duplicated == 1
     assert report.out_of_order == 1
     assert [round(e, 2) for e in report.errors_ms] == [0.1, 0.3, 0.2]
+
+
+def test_stream_map_tells_padding_from_silence_in_the_stream() -> None:
+    # Speech with silence (0xFF) right after a partial frame that was padded.
+    sent = bytes(range(1, 121)) + b"\xff" * 100 + bytes(range(121, 241))
+    padded = sent[:120] + b"\xff" * 40  # taken at first as 160 stream bytes
+    packets = [pkt(1.0, padded, 1), pkt(1.5, sent[120:280], 2), pkt(1.52, sent[280:], 3)]
+    m = analysis.StreamMap(packets, sent)
+    assert (m.lost, m.unmatched) == (0, 0)
+    assert m.padding == 40
+    assert m.total == len(sent)
+    assert m.departure(125) == 1.5
