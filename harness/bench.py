@@ -17,6 +17,7 @@ import logging
 import os
 import platform
 import random
+import statistics
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -28,6 +29,7 @@ from harness.analysis import MarkReport, StreamMap, Summary
 from harness.events import ProtocolError, parse_event
 from harness.pacer import Pacer, Strategy
 from harness.pcap import TcpdumpCapture, read_packets, rtp_by_destination, websocket_messages
+from harness.phonepool import PhonePool
 from harness.rig import LiveCall, Rig
 
 log = logging.getLogger(__name__)
@@ -44,7 +46,8 @@ class BenchConfig:
     granularities_ms: tuple[int, ...] = (200, 20)
     seconds: float = 4.0
     cpu_calls: int = 30
-    cpu_seconds: float = 6.0
+    cpu_seconds: float = 5.0
+    cpu_rounds: int = 3
     pacing_ms: int = 60_000
     bargein_trials: int = 10
     seed: int = 7
@@ -93,9 +96,14 @@ def asterisk_cpu_seconds(rig: Rig) -> float:
 
 
 async def stream_marked(
-    call: CallOutcome, seconds: float, granularity_ms: int, mark_cmd: str | None
+    call: CallOutcome,
+    seconds: float,
+    granularity_ms: int,
+    mark_cmd: str | None,
+    mark_every: int = 1,
 ) -> None:
-    """Send *seconds* of tagged audio in real time, a mark after every chunk."""
+    """Send *seconds* of tagged audio in real time in *granularity_ms* messages,
+    a mark after every *mark_every* of them."""
     s = call.live.session
     size = granularity_ms * audio.BYTES_PER_MS
     count = int(seconds * 1000 / granularity_ms)
@@ -108,7 +116,7 @@ async def stream_marked(
             await asyncio.sleep(delay)
         await s.send_audio(data[k * size : (k + 1) * size])
         call.sent += data[k * size : (k + 1) * size]
-        if mark_cmd is not None:
+        if mark_cmd is not None and (k + 1) % mark_every == 0:
             mark_id = f"{call.live.tag}-{k}"
             call.marks.append((mark_id, len(call.sent)))
             await s.command(mark_cmd, mark_id)
@@ -139,7 +147,16 @@ async def load_run(
 
     async with TcpdumpCapture(capture_filter(rig), pcap):
         await asyncio.gather(*(one() for _ in range(calls)))
-    return outcomes, read_packets(pcap)
+    # Off the event loop: parsing a large capture takes seconds.
+    return outcomes, await asyncio.to_thread(read_and_remove, pcap)
+
+
+def read_and_remove(pcap: Path) -> Any:
+    """The packets of *pcap*; the file and tcpdump's log are removed."""
+    packets = read_packets(pcap)
+    pcap.unlink(missing_ok=True)
+    pcap.with_suffix(".tcpdump.log").unlink(missing_ok=True)
+    return packets
 
 
 def reports(
@@ -203,7 +220,6 @@ async def bench_timing(
                 )
                 outcomes, packets = await load_run(rig, n, body, pcap)
                 wire, bot = reports(outcomes, packets, rig.bot.port)
-                pcap.unlink(missing_ok=True)
                 rows.append(
                     {
                         "build": build,
@@ -225,30 +241,74 @@ async def bench_timing(
     return rows
 
 
-async def bench_cpu(rig: Rig, cfg: BenchConfig, out: Path, say: Progress) -> dict[str, Any]:
+async def cpu_per_call_second(
+    rig: Rig, cfg: BenchConfig, out: Path, *, every_ms: int, mark_cmd: str | None, label: str
+) -> float:
+    """Asterisk CPU ms per call-second for one run of a load."""
+    cpu0 = asterisk_cpu_seconds(rig)
+    body = functools.partial(
+        stream_marked,
+        seconds=cfg.cpu_seconds,
+        granularity_ms=20,
+        mark_cmd=mark_cmd,
+        mark_every=every_ms // 20,
+    )
+    pcap = out / f"cpu-{label}.pcap"
+    await load_run(rig, cfg.cpu_calls, body, pcap)
+    cpu = asterisk_cpu_seconds(rig) - cpu0
+    return cpu / (cfg.cpu_calls * cfg.cpu_seconds) * 1000
+
+
+async def bench_cpu(
+    rigs: dict[str, Rig], cfg: BenchConfig, out: Path, say: Progress
+) -> dict[str, Any]:
+    """Asterisk CPU per call-second: audio in 20 ms messages, with and without marks.
+
+    The loads take turns, three rounds, and each reports its median: the
+    machine's noise then falls on all of them alike.
+    """
     result: dict[str, Any] = {"calls": cfg.cpu_calls, "seconds": cfg.cpu_seconds}
-    for label, mark_cmd in (("without_marks", None), ("marks_every_20ms", "MARK")):
-        say(f"cpu: {cfg.cpu_calls} calls for {cfg.cpu_seconds:.0f} s, {label.replace('_', ' ')}")
-        samples = []
-        for attempt in range(2):
-            cpu0 = asterisk_cpu_seconds(rig)
-            t0 = time.monotonic()
-            body = functools.partial(
-                stream_marked, seconds=cfg.cpu_seconds, granularity_ms=20, mark_cmd=mark_cmd
+    loads = [
+        ("without_marks", "patched", None, 20),
+        ("marks_every_20ms", "patched", "MARK", 20),
+        ("marks_every_200ms", "patched", "MARK", 200),
+        ("upstream_without_marks", "upstream", None, 20),
+        ("upstream_mark_media_every_20ms", "upstream", "MARK_MEDIA", 20),
+    ]
+    loads = [load for load in loads if load[1] in rigs]
+    runs: dict[str, list[float]] = {label: [] for label, *_ in loads}
+    for round_ in range(cfg.cpu_rounds):
+        say(
+            f"cpu: round {round_ + 1} of {cfg.cpu_rounds}: {len(loads)} loads of "
+            f"{cfg.cpu_calls} calls for {cfg.cpu_seconds:.0f} s"
+        )
+        for label, build, mark_cmd, every in loads:
+            runs[label].append(
+                await cpu_per_call_second(
+                    rigs[build], cfg, out, every_ms=every, mark_cmd=mark_cmd, label=label
+                )
             )
-            await load_run(rig, cfg.cpu_calls, body, out / f"cpu-{label}-{attempt}.pcap")
-            (out / f"cpu-{label}-{attempt}.pcap").unlink(missing_ok=True)
-            cpu = asterisk_cpu_seconds(rig) - cpu0
-            samples.append(cpu / (cfg.cpu_calls * cfg.cpu_seconds) * 1000)
-            log.info("cpu %s: %.3f s over %.1f s", label, cpu, time.monotonic() - t0)
+    for label, values in runs.items():
         result[label] = {
-            "cpu_ms_per_call_second": round(min(samples), 3),
-            "runs": [round(x, 3) for x in samples],
+            "cpu_ms_per_call_second": round(statistics.median(values), 4),
+            "runs": [round(v, 4) for v in values],
         }
-        say(f"  {min(samples):.2f} ms of Asterisk CPU per call-second (runs {samples})")
-    base = result["without_marks"]["cpu_ms_per_call_second"]
-    marked = result["marks_every_20ms"]["cpu_ms_per_call_second"]
-    result["overhead_percent"] = round((marked - base) / base * 100, 2) if base else None
+        say(
+            f"  {label.replace('_', ' ')}: {statistics.median(values):.3f} ms of Asterisk CPU "
+            f"per call-second (runs {', '.join(f'{v:.3f}' for v in values)})"
+        )
+
+    def overhead(label: str, base: str) -> float | None:
+        if label not in result or base not in result:
+            return None
+        b = result[base]["cpu_ms_per_call_second"]
+        return round((result[label]["cpu_ms_per_call_second"] - b) / b * 100, 2) if b else None
+
+    result["overhead_percent"] = overhead("marks_every_20ms", "without_marks")
+    result["overhead_200ms_percent"] = overhead("marks_every_200ms", "without_marks")
+    result["upstream_overhead_percent"] = overhead(
+        "upstream_mark_media_every_20ms", "upstream_without_marks"
+    )
     return result
 
 
@@ -286,7 +346,23 @@ def pacing_metrics(outcome: CallOutcome, result: Any) -> dict[str, Any]:
     }
 
 
-async def bench_pacing(rigs: dict[str, Rig], cfg: BenchConfig, say: Progress) -> dict[str, Any]:
+async def captured(rigs: list[Rig], pcap: Path, calls: list[Any]) -> dict[int, Any]:
+    """Run the *calls* coroutines under one tcpdump capture; the RTP to each
+    caller port. (The in-process sniffer would slow the bot down under load.)"""
+    bpf = " or ".join(f"({capture_filter(r)})" for r in rigs)
+    async with TcpdumpCapture(bpf, pcap):
+        await asyncio.gather(*calls)
+    return rtp_by_destination(await asyncio.to_thread(read_and_remove, pcap))
+
+
+def give_rtp(outcome: CallOutcome, rtp: dict[int, Any]) -> None:
+    local = outcome.live.sip.record.local_rtp
+    outcome.live.packets = rtp.get(local[1] if local else -1, [])
+
+
+async def bench_pacing(
+    rigs: dict[str, Rig], cfg: BenchConfig, out: Path, say: Progress
+) -> dict[str, Any]:
     """One response paced four ways at once: marks, clock, drained; marks on upstream."""
     say(
         f"pacing: a {cfg.pacing_ms / 1000:.0f} s response generated in real time, "
@@ -299,18 +375,23 @@ async def bench_pacing(rigs: dict[str, Rig], cfg: BenchConfig, say: Progress) ->
         ("marks-on-upstream", "upstream", Strategy.MARKS),
     ]
     profile = tts.TtsProfile(seed=cfg.seed)
-    results: dict[str, Any] = {}
+    sent = b"".join(d for d, _ in tts.plan(cfg.pacing_ms, profile))
+    paced: list[tuple[str, CallOutcome, Any]] = []
 
     async def one(name: str, build: str, strategy: Strategy) -> None:
-        async with rigs[build].call() as live:
-            outcome = CallOutcome(live)
+        async with rigs[build].call(capture=False) as live:
             pacer = Pacer(live.session, strategy=strategy)
             result = await pacer.play(tts.stream(cfg.pacing_ms, profile))
             await asyncio.sleep(0.5)
-        outcome.sent = b"".join(d for d, _ in tts.plan(cfg.pacing_ms, profile))
-        results[name] = pacing_metrics(outcome, result)
+        paced.append((name, CallOutcome(live, sent), result))
 
-    await asyncio.gather(*(one(*r) for r in runs if r[1] in rigs))
+    rtp = await captured(
+        list(rigs.values()), out / "pacing.pcap", [one(*r) for r in runs if r[1] in rigs]
+    )
+    results: dict[str, Any] = {}
+    for name, outcome, result in sorted(paced, key=lambda p: [r[0] for r in runs].index(p[0])):
+        give_rtp(outcome, rtp)
+        results[name] = pacing_metrics(outcome, result)
     for name, m in results.items():
         say(
             f"  {name}: {m['underrun_slots']} underrun slots, "
@@ -322,23 +403,32 @@ async def bench_pacing(rigs: dict[str, Rig], cfg: BenchConfig, say: Progress) ->
     return results
 
 
-async def bench_bargein(rig: Rig, cfg: BenchConfig, say: Progress) -> dict[str, Any]:
+async def bench_bargein(rig: Rig, cfg: BenchConfig, out: Path, say: Progress) -> dict[str, Any]:
     say(f"barge-in: {cfg.bargein_trials} responses flushed at random points")
     rng = random.Random(cfg.seed)
-    trials: list[dict[str, float]] = []
+    done: list[tuple[float, CallOutcome, Any, float]] = []
 
     async def one(delay: float, seed: int) -> None:
-        async with rig.call() as live:
+        profile = tts.TtsProfile(seed=seed)
+        async with rig.call(capture=False) as live:
             pacer = Pacer(live.session)
-            task = asyncio.create_task(pacer.play(tts.stream(8000, tts.TtsProfile(seed=seed))))
+            task = asyncio.create_task(pacer.play(tts.stream(8000, profile)))
             await asyncio.sleep(delay)
             clock_est = pacer.clock_heard_ms()
             pacer.barge_in()
             result = await task
             await asyncio.sleep(0.3)
-        sent = b"".join(d for d, _ in tts.plan(8000, tts.TtsProfile(seed=seed)))
-        stream = StreamMap(live.packets, sent)
-        truth = audio.ms_of(stream.total)
+        sent = b"".join(d for d, _ in tts.plan(8000, profile))
+        done.append((delay, CallOutcome(live, sent), result, clock_est))
+
+    delays = [rng.uniform(0.8, 5.0) for _ in range(cfg.bargein_trials)]
+    rtp = await captured(
+        [rig], out / "bargein.pcap", [one(d, 100 + i) for i, d in enumerate(delays)]
+    )
+    trials: list[dict[str, float]] = []
+    for delay, outcome, result, clock_est in done:
+        give_rtp(outcome, rtp)
+        truth = audio.ms_of(StreamMap(outcome.live.packets, outcome.sent).total)
         trials.append(
             {
                 "at_s": round(delay, 3),
@@ -347,8 +437,6 @@ async def bench_bargein(rig: Rig, cfg: BenchConfig, say: Progress) -> dict[str, 
                 "clock_estimate_ms": clock_est,
             }
         )
-
-    await asyncio.gather(*(one(rng.uniform(0.8, 5.0), 100 + i) for i in range(cfg.bargein_trials)))
     flush_err = [t["flush_event_ms"] - t["truth_ms"] for t in trials]
     clock_err = [t["clock_estimate_ms"] - t["truth_ms"] for t in trials]
     res = {
@@ -365,9 +453,17 @@ async def bench_bargein(rig: Rig, cfg: BenchConfig, say: Progress) -> dict[str, 
 
 
 async def run(
-    installs: dict[str, Path], cfg: BenchConfig, out: Path, phone: Any, say: Progress
+    installs: dict[str, Path], cfg: BenchConfig, out: Path, say: Progress
 ) -> dict[str, Any]:
     """Every scenario; returns the results. *out* must exist."""
+    most = max((*cfg.concurrency, cfg.cpu_calls, cfg.bargein_trials, 4))
+    async with PhonePool(out / "callers", most) as phone:
+        return await _run(installs, cfg, out, phone, say)
+
+
+async def _run(
+    installs: dict[str, Path], cfg: BenchConfig, out: Path, phone: PhonePool, say: Progress
+) -> dict[str, Any]:
     t0 = time.monotonic()
     results: dict[str, Any] = {
         "config": asdict(cfg),
@@ -380,9 +476,9 @@ async def run(
             rigs[build] = Rig(install, out / build, phone=phone, name=f"asterisk-{build}")
             await rigs[build].start()
         results["timing"] = await bench_timing(rigs, cfg, out, say)
-        results["cpu"] = await bench_cpu(rigs["patched"], cfg, out, say)
-        results["pacing"] = await bench_pacing(rigs, cfg, say)
-        results["bargein"] = await bench_bargein(rigs["patched"], cfg, say)
+        results["cpu"] = await bench_cpu(rigs, cfg, out, say)
+        results["pacing"] = await bench_pacing(rigs, cfg, out, say)
+        results["bargein"] = await bench_bargein(rigs["patched"], cfg, out, say)
     finally:
         for rig in rigs.values():
             await rig.stop()

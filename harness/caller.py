@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from harness.ports import LOOPBACK
 from harness.timing import units
@@ -69,6 +69,31 @@ class CallRecord:
     @property
     def state(self) -> str:
         return self.states[-1][1] if self.states else "NULL"
+
+
+class CallHandle(Protocol):
+    """What the rig needs of a call, whichever process placed it."""
+
+    record: CallRecord
+    #: Done when the call has ended (or failed to start).
+    disconnected: asyncio.Future[None]
+
+    async def wait_media(self, timeout: float | None = None) -> None: ...
+    async def hangup(self) -> None: ...
+    async def wait_disconnected(self, timeout: float | None = None) -> None: ...
+
+
+class Phone(Protocol):
+    """Something that places calls: a SipPhone, or a pool of them."""
+
+    async def call(
+        self,
+        uri: str,
+        *,
+        tag: str,
+        headers: dict[str, str] | None = None,
+        record_to: Path | None = None,
+    ) -> CallHandle: ...
 
 
 class SipCall:

@@ -15,12 +15,11 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 from harness import analysis, audio, bench, report, tts
 from harness.asterisk import REPO_ROOT, AsteriskError, find_install
 from harness.bot import BotError
-from harness.caller import CallerError, SipPhone
+from harness.caller import CallerError
 from harness.capture import CaptureError, check_capture_possible
 from harness.events import ControlFormat, Event
 from harness.pacer import Pacer
@@ -149,11 +148,7 @@ def bench_command(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     say(f"benchmark ({'quick' if args.quick else 'full'}): results in {out}, logs in {logdir}")
 
-    async def measure() -> dict[str, Any]:
-        async with SipPhone(logdir / "pjsua2") as phone:
-            return await bench.run(installs, cfg, out, phone, say)
-
-    results = asyncio.run(measure())
+    results = asyncio.run(bench.run(installs, cfg, out, say))
     (out / "bench.json").write_text(json.dumps(results, indent=2))
     table = report.markdown(results)
     (out / "bench.md").write_text(table)

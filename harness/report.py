@@ -47,12 +47,22 @@ def markdown(results: dict[str, Any]) -> str:
             f"{_ms(b['p99'])} |"
         )
     cpu = results["cpu"]
+
+    def per(label: str) -> str:
+        entry = cpu.get(label)
+        return f"{entry['cpu_ms_per_call_second']:.3f}" if entry else "-"
+
     lines += [
         "",
-        f"Asterisk CPU, {cpu['calls']} calls for {cpu['seconds']:.0f} s (best of 2): "
-        f"{cpu['without_marks']['cpu_ms_per_call_second']:.2f} ms per call-second without "
-        f"marks, {cpu['marks_every_20ms']['cpu_ms_per_call_second']:.2f} with a mark every "
-        f"20 ms: overhead {cpu['overhead_percent']:+.1f}% (target at most 5%).",
+        f"Asterisk CPU (ms per call-second, all threads, median of interleaved rounds), "
+        f"{cpu['calls']} calls for "
+        f"{cpu['seconds']:.0f} s, audio in 20 ms messages: patched {per('without_marks')} "
+        f"without marks, {per('marks_every_20ms')} with a MARK every 20 ms "
+        f"({cpu['overhead_percent']:+.1f}%), {per('marks_every_200ms')} with one every "
+        f"200 ms ({cpu.get('overhead_200ms_percent') or 0:+.1f}%); upstream "
+        f"{per('upstream_without_marks')} without marks, "
+        f"{per('upstream_mark_media_every_20ms')} with a MARK_MEDIA every 20 ms "
+        f"({cpu.get('upstream_overhead_percent') or 0:+.1f}%). Target: at most 5%.",
         "",
         "| pacing a streamed response | underrun slots | slots starved by the engine "
         "| audio lost | generated->RTP median | p95 | sent->RTP median | p95 | max |",

@@ -7,6 +7,7 @@ capture of what Asterisk sends to the caller and yields a :class:`LiveCall`.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import time
@@ -15,10 +16,11 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 from harness.asterisk import Asterisk
-from harness.bot import BotServer, BotSession
-from harness.caller import SipCall, SipPhone
+from harness.bot import BotError, BotServer, BotSession
+from harness.caller import CallerError, CallHandle, Phone, SipPhone
 from harness.capture import RtpCapture, RtpPacket
 from harness.config import BOT_EXTENSION, OPTIONS_HEADER
 from harness.events import ControlFormat
@@ -33,7 +35,7 @@ class LiveCall:
 
     tag: str
     session: BotSession
-    sip: SipCall
+    sip: CallHandle
     capture: RtpCapture | None
     started: float = field(default_factory=time.time)
     packets: list[RtpPacket] = field(default_factory=list)
@@ -53,7 +55,7 @@ class Rig:
         install: Path,
         workdir: Path,
         *,
-        phone: SipPhone | None = None,
+        phone: Phone | None = None,
         name: str = "asterisk",
     ) -> None:
         self.install = install
@@ -61,8 +63,10 @@ class Rig:
         self.name = name
         self.bot = BotServer()
         self.asterisk: Asterisk | None = None
-        self._own_phone = phone is None
-        self.phone = phone or SipPhone(workdir / "pjsua2")
+        self._own_phone: SipPhone | None = None
+        if phone is None:
+            self._own_phone = SipPhone(workdir / "pjsua2")
+        self.phone: Phone = phone or self._own_phone  # type: ignore[assignment]
         self.calls: list[LiveCall] = []
 
     async def start(self) -> None:
@@ -70,13 +74,13 @@ class Rig:
         await self.bot.start()
         self.asterisk = Asterisk(self.install, self.bot.uri, name=self.name)
         await self.asterisk.start()
-        if self._own_phone:
-            await self.phone.start()
+        if self._own_phone is not None:
+            await self._own_phone.start()
 
     async def stop(self) -> None:
         try:
-            if self._own_phone:
-                await self.phone.stop()
+            if self._own_phone is not None:
+                await self._own_phone.stop()
             if self.asterisk is not None:
                 await self.asterisk.stop()
         finally:
@@ -110,7 +114,7 @@ class Rig:
         )
         live: LiveCall | None = None
         try:
-            session = await self.bot.accept(tag)
+            session = await self._accept(tag, sip)
             await sip.wait_media()
             cap = None
             if capture:
@@ -127,6 +131,19 @@ class Rig:
                 await sip.hangup()
             with contextlib.suppress(Exception):
                 await sip.wait_disconnected()
+
+    async def _accept(self, tag: str, sip: CallHandle) -> BotSession:
+        """The bot's session for the call, unless the SIP call ends first."""
+        accept = asyncio.ensure_future(self.bot.accept(tag))
+        waiters: set[asyncio.Future[Any]] = {accept, sip.disconnected}
+        await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+        if accept.done():
+            return accept.result()
+        accept.cancel()
+        with contextlib.suppress(asyncio.CancelledError, BotError):
+            await accept
+        reason = f"SIP {sip.record.last_status} {sip.record.last_reason}".strip()
+        raise CallerError(f"call {tag} ended before the bot was connected ({reason})")
 
     async def __aenter__(self) -> Rig:
         try:

@@ -66,7 +66,7 @@ def test_markdown_has_every_section_and_the_targets() -> None:
     text = report.markdown(results())
     assert "| patched | 30 | 20 ms | 600 | 0 | 0 | 0 | +0.10 |" in text
     assert "| upstream | 30 |" in text
-    assert "overhead +2.5%" in text
+    assert "(+2.5%)" in text
     assert "| drained | 9 | 2 | 0 ms |" in text
     assert "MEDIA_FLUSHED median 0.10" in text
     assert "0 marks lost" in text

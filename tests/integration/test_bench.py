@@ -24,13 +24,12 @@ from tests.conftest import report
 async def quick(
     install: Path,
     upstream_install: Path,
-    phone: SipPhone,
     capture_ok: None,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> dict[str, Any]:
     out = tmp_path_factory.mktemp("bench")
     installs = {"patched": install, "upstream": upstream_install}
-    return await bench.run(installs, bench.BenchConfig.quick(), out, phone, lambda _: None)
+    return await bench.run(installs, bench.BenchConfig.quick(), out, lambda _: None)
 
 
 def test_mark_timing_and_accounting(quick: dict[str, Any]) -> None:

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from harness import analysis, audio
-from harness.caller import SipPhone
+from harness.caller import SipCall, SipPhone
 from harness.events import ControlFormat
 from harness.rig import Rig
 from tests.conftest import report
@@ -29,6 +29,7 @@ async def test_bot_audio_reaches_the_caller_byte_for_byte(rig: Rig, fmt: Control
         for piece in (sent[: 160 * 7], sent[160 * 7 : 160 * 40], sent[160 * 40 :]):
             await s.send_audio(piece)
         await asyncio.sleep(n * 0.02 + 0.3)
+        assert isinstance(call.sip, SipCall)
         stats = await call.sip.stats()
     packets = call.packets
     indices = [audio.frame_index(p.payload) for p in packets]
