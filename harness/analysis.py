@@ -151,10 +151,8 @@ class StreamMap:
             if not _is_stream_then_padding(p.payload, n):
                 # Step back over silence taken for stream bytes, or skip bytes
                 # that never reached RTP (upstream drops partial frames).
-                head = p.payload[:RESYNC_BYTES]
-                found = sent.find(head, offset - ambiguous, offset + RESYNC_WINDOW)
-                n = _common_prefix(p.payload, sent, found) if found >= 0 else 0
-                if found < 0 or not _is_stream_then_padding(p.payload, n):
+                found, n = _resync(p.payload, sent, offset - ambiguous)
+                if found < 0:
                     self.unmatched += 1
                     continue
                 if found < offset:
@@ -190,6 +188,22 @@ class StreamMap:
 #: Bytes of a payload used to find it again after lost bytes, and how far ahead.
 RESYNC_BYTES = 24
 RESYNC_WINDOW = 8000
+
+
+def _resync(payload: bytes, sent: bytes, start: int) -> tuple[int, int]:
+    """The nearest offset from *start* where *payload* fits *sent* (as stream
+    bytes, then padding), and how many stream bytes it holds; (-1, 0) if none
+    within the window. A short head can match in several places, so each
+    candidate is checked against the whole payload."""
+    head = payload[:RESYNC_BYTES]
+    end = start + RESYNC_WINDOW
+    found = sent.find(head, max(start, 0), end)
+    while found >= 0:
+        n = _common_prefix(payload, sent, found)
+        if _is_stream_then_padding(payload, n):
+            return found, n
+        found = sent.find(head, found + 1, end)
+    return -1, 0
 
 
 def _is_stream_then_padding(payload: bytes, n: int) -> bool:

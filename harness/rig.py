@@ -68,6 +68,11 @@ class Rig:
             self._own_phone = SipPhone(workdir / "pjsua2")
         self.phone: Phone = phone or self._own_phone  # type: ignore[assignment]
         self.calls: list[LiveCall] = []
+        # Calls are set up one at a time: Asterisk 22.10.1 stores a call's v()
+        # URI parameters on the shared websocket_client object just before it
+        # connects, so concurrent Dial()s can connect with each other's
+        # parameters (res_websocket_client.c, ast_websocket_client_add_uri_params).
+        self._setup = asyncio.Lock()
 
     async def start(self) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -109,12 +114,18 @@ class Rig:
         dial_options = f"c({codec}){control_format.dial_option}v(call={tag}){options}"
         uri = f"sip:{BOT_EXTENSION}@{LOOPBACK}:{self.asterisk.sip_port}"
         log.info("rig: call %s -> %s with WebSocket options %s", tag, uri, dial_options)
-        sip = await self.phone.call(
-            uri, tag=tag, headers={OPTIONS_HEADER: dial_options}, record_to=record
-        )
+        async with self._setup:
+            sip = await self.phone.call(
+                uri, tag=tag, headers={OPTIONS_HEADER: dial_options}, record_to=record
+            )
+            try:
+                session = await self._accept(tag, sip)
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    await sip.hangup()
+                raise
         live: LiveCall | None = None
         try:
-            session = await self._accept(tag, sip)
             await sip.wait_media()
             cap = None
             if capture:

@@ -109,3 +109,21 @@ def test_stream_map_tells_padding_from_silence_in_the_stream() -> None:
     assert m.padding == 40
     assert m.total == len(sent)
     assert m.departure(125) == 1.5
+
+
+def test_stream_map_follows_upstreams_dropped_remainders() -> None:
+    """Upstream drops each message's bytes past its last whole frame."""
+    from harness import tts
+
+    plan = tts.plan(6000, tts.TtsProfile(seed=7))
+    sent = b"".join(d for d, _ in plan)
+    packets: list[RtpPacket] = []
+    t = 1.0
+    for data, _ in plan:
+        for i in range(0, len(data) // 160 * 160, 160):
+            packets.append(pkt(t, data[i : i + 160], len(packets)))
+            t += 0.02
+    m = analysis.StreamMap(packets, sent)
+    assert m.unmatched == 0
+    assert m.lost == sum(len(d) % 160 for d, _ in plan[:-1])
+    assert m.total == len(sent) - len(plan[-1][0]) % 160
