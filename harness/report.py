@@ -62,7 +62,8 @@ def markdown(results: dict[str, Any]) -> str:
         f"200 ms ({cpu.get('overhead_200ms_percent') or 0:+.1f}%); upstream "
         f"{per('upstream_without_marks')} without marks, "
         f"{per('upstream_mark_media_every_20ms')} with a MARK_MEDIA every 20 ms "
-        f"({cpu.get('upstream_overhead_percent') or 0:+.1f}%). Target: at most 5%.",
+        f"({cpu.get('upstream_overhead_percent') or 0:+.1f}%). Target: at most 5%. "
+        f"{_noise(cpu)}",
         "",
         "| pacing a streamed response | underrun slots | slots starved by the engine "
         "| audio lost | generated->RTP median | p95 | sent->RTP median | p95 | max |",
@@ -86,6 +87,21 @@ def markdown(results: dict[str, Any]) -> str:
         "Targets on the patched build: " + "; ".join(TARGETS.values()) + ".",
     ]
     return "\n".join(lines) + "\n"
+
+
+def _noise(cpu: dict[str, Any]) -> str:
+    """How far the rounds of one load spread: the resolution of the CPU figures."""
+    spreads = []
+    for entry in cpu.values():
+        runs = entry.get("runs") if isinstance(entry, dict) else None
+        if runs and len(runs) > 1 and min(runs) > 0:
+            spreads.append((max(runs) - min(runs)) / min(runs) * 100)
+    if not spreads:
+        return ""
+    return (
+        f"The rounds of a single load differ by up to {max(spreads):.0f}% on this "
+        "machine, so differences smaller than that are noise."
+    )
 
 
 def plots(results: dict[str, Any], out: Path) -> list[Path]:
