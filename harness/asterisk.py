@@ -18,10 +18,10 @@ import socket
 import tempfile
 import time
 from pathlib import Path
-from types import TracebackType
 
 from harness import config
 from harness.ports import LOOPBACK, free_port, free_udp_range, port_is_free
+from harness.service import Service
 from harness.timing import units
 
 log = logging.getLogger(__name__)
@@ -60,7 +60,7 @@ def tail(path: Path, lines: int = 60) -> str:
     return "\n".join(text.splitlines()[-lines:])
 
 
-class Asterisk:
+class Asterisk(Service):
     """One sandboxed Asterisk process; an async context manager.
 
     ``bot_uri`` is where chan_websocket connects for ``Dial(WebSocket/bot/...)``.
@@ -278,15 +278,3 @@ class Asterisk:
         """Remove the sandbox if this instance created it."""
         if self._own_sandbox:
             shutil.rmtree(self.sandbox, ignore_errors=True)
-
-    async def __aenter__(self) -> Asterisk:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.stop()

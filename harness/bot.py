@@ -13,7 +13,6 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from types import TracebackType
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
@@ -22,6 +21,7 @@ from websockets.exceptions import ConnectionClosed
 
 from harness.events import ControlFormat, Event, ProtocolError, format_command, parse_event
 from harness.ports import LOOPBACK
+from harness.service import Service
 from harness.timing import units
 
 log = logging.getLogger(__name__)
@@ -198,7 +198,7 @@ class BotSession:
         await self.connection.close()
 
 
-class BotServer:
+class BotServer(Service):
     """The WebSocket server; an async context manager.
 
     ``uri`` is what websocket_client.conf points Asterisk at.
@@ -263,15 +263,3 @@ class BotServer:
             with contextlib.suppress(Exception):
                 await self._server.wait_closed()
             self._server = None
-
-    async def __aenter__(self) -> BotServer:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.stop()

@@ -22,10 +22,10 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import TracebackType
 from typing import Any, Protocol, TypeVar
 
 from harness.ports import LOOPBACK
+from harness.service import Service
 from harness.timing import units
 
 log = logging.getLogger(__name__)
@@ -194,7 +194,7 @@ def _stdout_silenced() -> Iterator[None]:
         os.close(devnull)
 
 
-class SipPhone:
+class SipPhone(Service):
     """The process's one pjsua2 Endpoint, in a worker thread; async context manager."""
 
     def __init__(self, workdir: Path, *, log_level: int = 4) -> None:
@@ -394,15 +394,3 @@ class SipPhone:
             call._recorder = recorder
         log.debug("caller: %s media active, local RTP %s", rec.tag, rec.local_rtp)
         call._resolve(call.media_active)
-
-    async def __aenter__(self) -> SipPhone:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.stop()

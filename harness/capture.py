@@ -15,9 +15,9 @@ import os
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
+from harness.service import Service
 from harness.timing import units
 
 log = logging.getLogger(__name__)
@@ -114,7 +114,7 @@ def read_pcap(path: Path) -> list[RtpPacket]:
     return parse_rtp(sc.rdpcap(str(path)))
 
 
-class RtpCapture:
+class RtpCapture(Service):
     """Capture UDP on loopback matching *bpf*; an async context manager.
 
     ``packets`` (parsed RTP) is available after :meth:`stop`; the raw capture
@@ -173,15 +173,3 @@ class RtpCapture:
         self.packets = parse_rtp(raw)
         log.debug("capture: %d packets, %d RTP", self.raw_count, len(self.packets))
         return self.packets
-
-    async def __aenter__(self) -> RtpCapture:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.stop()

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from harness import audio
-from harness.bot import BotError, BotSession
+from harness.bot import BotSession
 from harness.events import Event
 
 log = logging.getLogger(__name__)
@@ -146,15 +146,30 @@ class Pacer:
             self._update_anchor()
         return self._clock_queued_ms(time.time())
 
-    async def _wait_event(self, names: tuple[str, ...], timeout: float) -> Event | None:
-        try:
-            return await self.session.wait_for(
-                names, after=len(self.session.events) - 1, timeout=max(timeout, 0.001)
+    async def _wait_event(self, names: tuple[str, ...], timeout: float) -> None:
+        """Wait up to *timeout* s for one of *names* (none: just the time), or barge-in.
+
+        A barge-in must act at once, not when the current wait ends.
+        """
+        stop = asyncio.ensure_future(self._barge_in.wait())
+        waiters: set[asyncio.Future[Any]] = {stop}
+        if names:
+            after = len(self.session.events) - 1
+            waiters.add(
+                asyncio.ensure_future(
+                    self.session.wait_for(names, after=after, timeout=max(timeout, 0.001))
+                )
             )
-        except BotError:
-            if self.session.closed.is_set():
-                raise
-            return None
+        done, pending = await asyncio.wait(
+            waiters, timeout=max(timeout, 0.001), return_when=asyncio.FIRST_COMPLETED
+        )
+        for fut in pending:
+            fut.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+        for fut in done - {stop}:
+            error = fut.exception()
+            if error is not None and self.session.closed.is_set():
+                raise error  # the call is gone; a timeout is just the time passing
 
     async def _wait_queue_below(self, threshold_ms: float) -> None:
         """Wait until at most *threshold_ms* of audio is queued (or barge-in)."""
@@ -165,7 +180,7 @@ class Pacer:
             if self.strategy is Strategy.MARKS and not self.fallback:
                 await self._wait_event(("MARK_PLAYED", "MEDIA_PROGRESS"), excess / 1000)
             else:
-                await asyncio.sleep(excess / 1000)
+                await self._wait_event((), excess / 1000)
 
     async def _wait_turn(self, drained_after: int) -> None:
         """Wait until the next chunk may be sent (or barge-in)."""

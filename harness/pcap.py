@@ -20,13 +20,13 @@ import signal
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 from websockets.frames import Frame, Opcode
 from websockets.protocol import Protocol, Side, State
 
 from harness.capture import CaptureError, RtpPacket, check_capture_possible, parse_rtp
+from harness.service import Service
 from harness.timing import units
 
 log = logging.getLogger(__name__)
@@ -42,7 +42,7 @@ class WsMessage:
     text: str
 
 
-class TcpdumpCapture:
+class TcpdumpCapture(Service):
     """tcpdump on loopback writing *pcap*; an async context manager."""
 
     def __init__(self, bpf: str, pcap: Path, *, iface: str = "lo") -> None:
@@ -110,18 +110,6 @@ class TcpdumpCapture:
         stats = self._stderr.read_text(errors="replace")
         if "dropped by kernel" in stats and " 0 packets dropped by kernel" not in stats:
             log.warning("tcpdump dropped packets: %s", stats.strip().splitlines()[-1])
-
-    async def __aenter__(self) -> TcpdumpCapture:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.stop()
 
 
 def read_packets(pcap: Path) -> Any:

@@ -16,10 +16,10 @@ import json
 import logging
 import sys
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 from harness.caller import CallerError, CallRecord, SipCall, SipPhone
+from harness.service import Service
 from harness.timing import units
 
 log = logging.getLogger(__name__)
@@ -140,7 +140,7 @@ class _Worker:
                 await self._reader
 
 
-class PhonePool:
+class PhonePool(Service):
     """SIP callers in worker processes, enough for *max_calls* at once."""
 
     def __init__(self, workdir: Path, max_calls: int) -> None:
@@ -174,22 +174,6 @@ class PhonePool:
         worker.calls[tag] = call
         await worker.send({"op": "call", "uri": uri, "tag": tag, "headers": headers or {}})
         return call
-
-    async def __aenter__(self) -> PhonePool:
-        try:
-            await self.start()
-        except BaseException:
-            await self.stop()
-            raise
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.stop()
 
 
 # --- the worker process -------------------------------------------------------------

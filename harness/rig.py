@@ -15,7 +15,6 @@ import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 from harness.asterisk import Asterisk
@@ -25,6 +24,7 @@ from harness.capture import RtpCapture, RtpPacket
 from harness.config import BOT_EXTENSION, OPTIONS_HEADER
 from harness.events import ControlFormat
 from harness.ports import LOOPBACK
+from harness.service import Service
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +47,7 @@ class LiveCall:
         return self.packets
 
 
-class Rig:
+class Rig(Service):
     """Asterisk + bot server + SIP phone; an async context manager."""
 
     def __init__(
@@ -155,19 +155,3 @@ class Rig:
             await accept
         reason = f"SIP {sip.record.last_status} {sip.record.last_reason}".strip()
         raise CallerError(f"call {tag} ended before the bot was connected ({reason})")
-
-    async def __aenter__(self) -> Rig:
-        try:
-            await self.start()
-        except BaseException:
-            await self.stop()
-            raise
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.stop()
