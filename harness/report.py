@@ -111,7 +111,15 @@ def plots(results: dict[str, Any], out: Path) -> list[Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    written = []
+    written: list[Path] = []
+
+    def save(fig: Any, name: str) -> Path:
+        fig.tight_layout()
+        path = out / name
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        return path
+
     timing = [r for r in results["timing"] if r["wire_errors_ms"]]
     most = max((r["calls"] for r in timing), default=0)
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=False)
@@ -127,11 +135,7 @@ def plots(results: dict[str, Any], out: Path) -> list[Path]:
         ax.set_title(f"mark ack - RTP, {most} calls, a mark every {gran} ms")
         ax.set_xlabel("ms")
         ax.legend()
-    fig.tight_layout()
-    path = out / "timing-histogram.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    written.append(path)
+    written.append(save(fig, "timing-histogram.png"))
 
     pacing = results["pacing"]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
@@ -149,11 +153,7 @@ def plots(results: dict[str, Any], out: Path) -> list[Path]:
     )
     ax2.set_title("pacing: 20 ms slots without audio")
     ax2.legend()
-    fig.tight_layout()
-    path = out / "pacing.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    written.append(path)
+    written.append(save(fig, "pacing.png"))
 
     trials = results["bargein"]["trials"]
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -172,11 +172,7 @@ def plots(results: dict[str, Any], out: Path) -> list[Path]:
     ax.set_ylabel("reported - RTP (ms)")
     ax.set_title("barge-in: reported position error")
     ax.legend()
-    fig.tight_layout()
-    path = out / "bargein.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    written.append(path)
+    written.append(save(fig, "bargein.png"))
     return written
 
 
