@@ -123,14 +123,3 @@ def tone(freq: float, duration_ms: int, level: float = 0.3) -> bytes:
         for i in range(n)
     )
     return audioop.lin2ulaw(pcm, 2)
-
-
-def pad_to_frames(data: bytes, frame_bytes: int = FRAME_BYTES) -> bytes:
-    """*data* padded with μ-law silence to a whole number of frames."""
-    short = -len(data) % frame_bytes
-    return data + bytes([ULAW_SILENCE]) * short
-
-
-def chunks(data: bytes, size: int) -> list[bytes]:
-    """Split *data* into *size*-byte chunks (the last may be shorter)."""
-    return [data[i : i + size] for i in range(0, len(data), size)]

@@ -67,7 +67,6 @@ class Rig(Service):
         if phone is None:
             self._own_phone = SipPhone(workdir / "pjsua2")
         self.phone: Phone = phone or self._own_phone  # type: ignore[assignment]
-        self.calls: list[LiveCall] = []
         # Calls are set up one at a time: Asterisk 22.10.1 stores a call's v()
         # URI parameters on the shared websocket_client object just before it
         # connects, so concurrent Dial()s can connect with each other's
@@ -133,7 +132,6 @@ class Rig(Service):
                 cap = RtpCapture.to_port(sip.record.local_rtp[1], pcap=pcap)
                 await cap.start()
             live = LiveCall(tag=tag, session=session, sip=sip, capture=cap)
-            self.calls.append(live)
             yield live
         finally:
             if live is not None:

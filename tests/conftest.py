@@ -74,22 +74,22 @@ def failed(request: pytest.FixtureRequest) -> bool:
     return any(r.failed for r in reports.values())
 
 
-@pytest.fixture(scope="session")
-def install() -> Path:
+def _install(flavour: str) -> Path:
     try:
-        return find_install("patched")
+        return find_install(flavour)
     except AsteriskError as exc:
         need(False, str(exc))
         raise
+
+
+@pytest.fixture(scope="session")
+def install() -> Path:
+    return _install("patched")
 
 
 @pytest.fixture(scope="session")
 def upstream_install() -> Path:
-    try:
-        return find_install("upstream")
-    except AsteriskError as exc:
-        need(False, str(exc))
-        raise
+    return _install("upstream")
 
 
 @pytest.fixture(scope="session")
