@@ -19,6 +19,13 @@
 #   ASTERISK_INSTALL_LINK  where to link the install (default build/ in the checkout)
 #   ASTERISK_DESTDIR       install here too (a plain copy; used by docker/)
 #   ASTERISK_PATCH_DIR     the patch series directory (default asterisk-patch/)
+#
+# The source (default: Debian's pinned source package, below):
+#   ASTERISK_SOURCE        "debian" (default) or "tarball" (an upstream release)
+#   ASTERISK_VERSION       the Asterisk version (default: the pinned one, 22.10.1)
+#   ASTERISK_TARBALL_URL   where the release tarball is (default: downloads.asterisk.org)
+#   ASTERISK_TARBALL_SHA256  its sha256 (required for "tarball"; the release's
+#                          .sha256 file has it)
 set -euo pipefail
 
 # The pinned source: Debian unstable's asterisk source package.
@@ -53,7 +60,14 @@ readonly CONFIGURE_FLAGS=(
 	--without-sdl --without-jack --without-portaudio --without-bluetooth
 )
 
+readonly PINNED_VERSION=22.10.1
+readonly TARBALL_BASE=https://downloads.asterisk.org/pub/telephony/asterisk/releases
+
 top=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+source_kind=${ASTERISK_SOURCE:-debian}
+version=${ASTERISK_VERSION:-$PINNED_VERSION}
+tarball_sha=${ASTERISK_TARBALL_SHA256:-}
+tarball_url=${ASTERISK_TARBALL_URL:-$TARBALL_BASE/asterisk-$version.tar.gz}
 cache=${ASTERISK_MARKS_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/asterisk-marks}
 jobs=${ASTERISK_BUILD_JOBS:-$(nproc)}
 sanitize=${ASTERISK_SANITIZE:-}
@@ -90,12 +104,41 @@ series_patches() {
 	sed -e 's/#.*//' -e 's/[[:space:]]*$//' -e '/^$/d' "$series"
 }
 
-# Cache key: the pinned version, the build recipe, the options and, unless
+# Which source to build; stops with the way out if it cannot be built.
+check_source() {
+	case "$source_kind" in
+	debian)
+		[ "$version" = "$PINNED_VERSION" ] || die "Asterisk $version: the Debian source" \
+			"pinned here is $PINNED_VERSION ($DEB_VERSION). Build another release from" \
+			"its upstream tarball: ASTERISK_SOURCE=tarball ASTERISK_VERSION=$version" \
+			"ASTERISK_TARBALL_SHA256=<the sha256 in asterisk-$version.sha256>"
+		;;
+	tarball)
+		[[ $version =~ ^[0-9]+\.[0-9]+\.[0-9]+(-rc[0-9]+)?$ ]] || die "ASTERISK_VERSION='$version'" \
+			"is not an Asterisk release number (like 22.10.1 or 23.0.0-rc1)"
+		[[ $tarball_sha =~ ^[0-9a-f]{64}$ ]] || die "ASTERISK_SOURCE=tarball needs" \
+			"ASTERISK_TARBALL_SHA256 (64 hex digits; the release's asterisk-$version.sha256" \
+			"file has it): a tarball is never built unverified"
+		;;
+	*) die "ASTERISK_SOURCE='$source_kind': expected 'debian' or 'tarball'" ;;
+	esac
+}
+
+# What identifies the source in cache keys and in the install's VERSION file.
+source_id() {
+	if [ "$source_kind" = tarball ]; then
+		echo "asterisk-$version.tar.gz sha256:$tarball_sha"
+	else
+		echo "$DEB_VERSION"
+	fi
+}
+
+# Cache key: the source, the build recipe, the options and, unless
 # building upstream, the content of every patch in the series.
 build_key() {
 	local flavour=$1
 	{
-		echo "$DEB_VERSION"
+		source_id
 		echo "flavour=$flavour sanitize=$sanitize"
 		echo "${CONFIGURE_FLAGS[*]}"
 		echo "${MODULES[*]}"
@@ -169,9 +212,55 @@ fetch() {
 	echo "$dl/$dsc_name"
 }
 
+# Download and verify an upstream release tarball; print its path.
+fetch_tarball() {
+	local dl=$cache/source/tarball-$version-${tarball_sha:0:12}
+	local file=$dl/asterisk-$version.tar.gz
+	if [ -f "$dl/.complete" ]; then
+		echo "$file"
+		return 0
+	fi
+	need_tools curl sha256sum tar
+	rm -rf "$dl.tmp"
+	mkdir -p "$dl.tmp"
+	log "fetch: downloading $tarball_url"
+	curl -fsSL --retry 2 -o "$dl.tmp/asterisk-$version.tar.gz" "$tarball_url" \
+		2>"$dl.tmp/curl.log" || {
+		cat "$dl.tmp/curl.log" >&2
+		die "cannot download Asterisk $version from $tarball_url: is $version a released" \
+			"version (see $TARBALL_BASE/), and is the network up?"
+	}
+	local got
+	got=$(sha256sum "$dl.tmp/asterisk-$version.tar.gz" | cut -d' ' -f1)
+	[ "$got" = "$tarball_sha" ] || die "checksum mismatch for asterisk-$version.tar.gz from" \
+		"$tarball_url: expected sha256 $tarball_sha, got $got. Nothing was built."
+	touch "$dl.tmp/.complete"
+	rm -rf "$dl"
+	mv "$dl.tmp" "$dl"
+	echo "$file"
+}
+
+# Unpack the source into $1: the tarball as it is (its configure downloads
+# pjproject), or Debian's package via unpack_debian.
+unpack() {
+	local dest=$1 tarball
+	if [ "$source_kind" = debian ]; then
+		unpack_debian "$dest"
+		return
+	fi
+	tarball=$(fetch_tarball)
+	rm -rf "$dest"
+	mkdir -p "$dest"
+	log "unpack: $(basename "$tarball")"
+	tar -xzf "$tarball" -C "$dest" --strip-components=1 \
+		|| die "$tarball is not a readable tar.gz"
+	[ -f "$dest/channels/chan_websocket.c" ] \
+		|| die "asterisk-$version has no channels/chan_websocket.c (it arrived in 22.5.0)"
+}
+
 # Unpack the pinned source (Debian's patches applied) into $1, with the
 # bundled pjproject prepared the way debian/rules does it.
-unpack() {
+unpack_debian() {
 	local dest=$1 dsc
 	dsc=$(fetch)
 	rm -rf "$dest"
@@ -238,7 +327,7 @@ check_patches() {
 # patch series resets only the files that change and the build stays
 # incremental.
 tree_dir() {
-	echo "$cache/tree-$(echo "$DEB_VERSION ${CONFIGURE_FLAGS[*]} ${MODULES[*]} $sanitize" | sha256sum | cut -c1-12)"
+	echo "$cache/tree-$(echo "$(source_id) ${CONFIGURE_FLAGS[*]} ${MODULES[*]} $sanitize" | sha256sum | cut -c1-12)"
 }
 
 prepare_tree() {
@@ -261,10 +350,13 @@ configure_tree() {
 		cflags='-fsanitize=address -fno-omit-frame-pointer'
 		ldflags='-fsanitize=address'
 	fi
-	mkdir -p "$cache/externals"
+	# Debian's source carries pjproject; a tarball's build downloads it once.
+	local externals=$cache/externals
+	[ -d "$tree/debian/build-pjproject" ] && externals=$tree/debian/build-pjproject
+	mkdir -p "$externals"
 	log "configure: ./configure ${CONFIGURE_FLAGS[*]} (about a minute)"
 	(cd "$tree" && CFLAGS="$cflags" LDFLAGS="$ldflags" \
-		./configure "${CONFIGURE_FLAGS[@]}" --with-externals-cache="$tree/debian/build-pjproject") \
+		./configure "${CONFIGURE_FLAGS[@]}" --with-externals-cache="$externals") \
 		>"$tree/configure.out" 2>&1 || {
 		tail -n 40 "$tree/configure.out" >&2
 		die "configure failed; the whole log is $tree/configure.out"
@@ -352,7 +444,7 @@ build() {
 		log "install: into the cache ($key)"
 		run_make "$tree" install install DESTDIR="$inst.tmp" NOISY_BUILD=
 		# The configured prefix under DESTDIR is the install root we use.
-		printf '%s\n' "$DEB_VERSION" > "$inst.tmp$PREFIX/VERSION"
+		source_id > "$inst.tmp$PREFIX/VERSION"
 		if [ "$flavour" = patched ]; then
 			series_patches > "$inst.tmp$PREFIX/SERIES"
 		else
@@ -401,8 +493,16 @@ devcheck() {
 main() {
 	mkdir -p "$cache"
 	local cmd=${1:-build}
+	check_source
 	case "$cmd" in
-	fetch) fetch >/dev/null; log "fetch: $DEB_PACKAGE $DEB_VERSION is in $cache/source" ;;
+	fetch)
+		if [ "$source_kind" = tarball ]; then
+			fetch_tarball >/dev/null
+		else
+			fetch >/dev/null
+		fi
+		log "fetch: $(source_id) is in $cache/source"
+		;;
 	check-patches) check_patches ;;
 	build) build patched ;;
 	build-upstream) build upstream ;;

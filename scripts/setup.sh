@@ -13,7 +13,7 @@ python=${PYTHON:-python3}
 
 # Build dependencies of the trimmed Asterisk build, and the harness's tools.
 readonly APT_PACKAGES=(
-	build-essential pkg-config dpkg-dev git bzip2 patch xz-utils ca-certificates
+	build-essential pkg-config dpkg-dev git bzip2 patch xz-utils ca-certificates curl
 	debian-archive-keyring
 	libedit-dev libjansson-dev libxml2-dev libsqlite3-dev uuid-dev libssl-dev
 	libncurses-dev

@@ -113,3 +113,107 @@ def test_chan_websocket_compiles_in_dev_mode() -> None:
     result = run_build("devcheck")
     assert result.returncode == 0, result.stderr
     assert "compiles cleanly" in result.stderr
+
+
+def run_source(env: dict[str, str], cache: Path) -> subprocess.CompletedProcess[str]:
+    """``asterisk-build.sh fetch`` with the source chosen by *env*, in a private cache."""
+    return subprocess.run(
+        ["bash", str(BUILD), "fetch"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "ASTERISK_MARKS_CACHE": str(cache), **env},
+        timeout=60,
+        check=False,
+    )
+
+
+@pytest.fixture
+def release(tmp_path: Path) -> tuple[Path, str]:
+    """A stand-in release tarball on disk (file:// URL) and its sha256."""
+    src = tmp_path / "asterisk-23.0.0" / "channels"
+    src.mkdir(parents=True)
+    (src / "chan_websocket.c").write_text("/* stand-in */\n")
+    tarball = tmp_path / "asterisk-23.0.0.tar.gz"
+    subprocess.run(["tar", "-czf", str(tarball), "-C", str(tmp_path), "asterisk-23.0.0"], check=True)
+    digest = subprocess.run(
+        ["sha256sum", str(tarball)], capture_output=True, text=True, check=True
+    ).stdout.split()[0]
+    return tarball, digest
+
+
+def test_a_version_debian_does_not_have_points_at_the_tarball(tmp_path: Path) -> None:
+    done = run_source({"ASTERISK_VERSION": "21.0.0"}, tmp_path / "cache")
+    assert done.returncode == 1
+    assert "pinned here is 22.10.1" in done.stderr
+    assert "ASTERISK_SOURCE=tarball ASTERISK_VERSION=21.0.0" in done.stderr
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"ASTERISK_VERSION": "23.0.0"}, "needs ASTERISK_TARBALL_SHA256"),
+        ({"ASTERISK_VERSION": "23.0.0", "ASTERISK_TARBALL_SHA256": "abc"}, "64 hex digits"),
+        ({"ASTERISK_VERSION": "latest", "ASTERISK_TARBALL_SHA256": "a" * 64}, "release number"),
+    ],
+)
+def test_tarball_settings_are_checked_before_anything_is_fetched(
+    tmp_path: Path, env: dict[str, str], message: str
+) -> None:
+    cache = tmp_path / "cache"
+    done = run_source({"ASTERISK_SOURCE": "tarball", **env}, cache)
+    assert done.returncode == 1
+    assert message in done.stderr
+    assert not (cache / "source").exists()
+
+
+def test_unknown_source_kind(tmp_path: Path) -> None:
+    done = run_source({"ASTERISK_SOURCE": "git"}, tmp_path / "cache")
+    assert done.returncode == 1
+    assert "expected 'debian' or 'tarball'" in done.stderr
+
+
+def test_tarball_checksum_mismatch_stops_and_keeps_nothing(
+    tmp_path: Path, release: tuple[Path, str]
+) -> None:
+    tarball, _ = release
+    cache = tmp_path / "cache"
+    env = {
+        "ASTERISK_SOURCE": "tarball",
+        "ASTERISK_VERSION": "23.0.0",
+        "ASTERISK_TARBALL_URL": tarball.as_uri(),
+        "ASTERISK_TARBALL_SHA256": "0" * 64,
+    }
+    done = run_source(env, cache)
+    assert done.returncode == 1
+    assert "checksum mismatch for asterisk-23.0.0.tar.gz" in done.stderr
+    assert "Nothing was built" in done.stderr
+    assert not list((cache / "source").glob("*/.complete"))
+
+
+def test_missing_release_is_reported(tmp_path: Path) -> None:
+    env = {
+        "ASTERISK_SOURCE": "tarball",
+        "ASTERISK_VERSION": "23.0.0",
+        "ASTERISK_TARBALL_URL": (tmp_path / "nowhere.tar.gz").as_uri(),
+        "ASTERISK_TARBALL_SHA256": "0" * 64,
+    }
+    done = run_source(env, tmp_path / "cache")
+    assert done.returncode == 1
+    assert "cannot download Asterisk 23.0.0" in done.stderr
+
+
+def test_verified_tarball_is_cached(tmp_path: Path, release: tuple[Path, str]) -> None:
+    tarball, digest = release
+    cache = tmp_path / "cache"
+    env = {
+        "ASTERISK_SOURCE": "tarball",
+        "ASTERISK_VERSION": "23.0.0",
+        "ASTERISK_TARBALL_URL": tarball.as_uri(),
+        "ASTERISK_TARBALL_SHA256": digest,
+    }
+    first = run_source(env, cache)
+    assert first.returncode == 0, first.stderr
+    tarball.unlink()  # the second run must not need it
+    second = run_source(env, cache)
+    assert second.returncode == 0, second.stderr
+    assert "downloading" not in second.stderr
