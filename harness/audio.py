@@ -15,6 +15,7 @@ import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -110,16 +111,31 @@ def render_prompt(text: str) -> Prompt:
     return Prompt(tone(440.0, 2000), "tone")
 
 
-def tone(freq: float, duration_ms: int, level: float = 0.3) -> bytes:
-    """A sine tone as μ-law."""
+def _audioop() -> Any:
+    """The standard library's audioop (deprecated, still the simplest μ-law codec)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         import audioop
 
+    return audioop
+
+
+def level(ulaw: bytes) -> int:
+    """RMS level of μ-law audio, on the 16-bit linear scale (0 for nothing)."""
+    if not ulaw:
+        return 0
+    audioop = _audioop()
+    return int(audioop.rms(audioop.ulaw2lin(ulaw, 2), 2))
+
+
+def tone(freq: float, duration_ms: int, level: float = 0.3) -> bytes:
+    """A sine tone as μ-law."""
+    audioop = _audioop()
     n = duration_ms * SAMPLE_RATE // 1000
     amp = int(32767 * level)
     pcm = b"".join(
         int(amp * math.sin(2 * math.pi * freq * i / SAMPLE_RATE)).to_bytes(2, "little", signed=True)
         for i in range(n)
     )
-    return audioop.lin2ulaw(pcm, 2)
+    ulaw: bytes = audioop.lin2ulaw(pcm, 2)
+    return ulaw

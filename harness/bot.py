@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -204,11 +204,18 @@ class BotServer(Service):
     ``uri`` is what websocket_client.conf points Asterisk at.
     """
 
-    def __init__(self, host: str = LOOPBACK, port: int = 0) -> None:
+    def __init__(
+        self,
+        host: str = LOOPBACK,
+        port: int = 0,
+        *,
+        on_session: Callable[[BotSession], Coroutine[Any, Any, None]] | None = None,
+    ) -> None:
         self.host = host
         self._port = port
         self._server: Server | None = None
         self._pending: dict[str | None, asyncio.Queue[BotSession]] = {}
+        self._on_session = on_session
         self.sessions: list[BotSession] = []
 
     @property
@@ -230,8 +237,19 @@ class BotServer(Service):
         session = BotSession(connection)
         self.sessions.append(session)
         log.info("bot: connection from %s (%s)", connection.remote_address, session.path)
-        self._queue(session.tag).put_nowait(session)
-        await session._run()
+        if self._on_session is None:
+            self._queue(session.tag).put_nowait(session)
+            await session._run()
+            return
+        # A serving bot: its handler runs beside the receiving loop and ends with it.
+        handler = asyncio.create_task(self._on_session(session))
+        try:
+            await session._run()
+        finally:
+            handler.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await handler
+            self.sessions.remove(session)
 
     async def start(self) -> None:
         self._server = await serve(

@@ -197,8 +197,10 @@ def _stdout_silenced() -> Iterator[None]:
 class SipPhone(Service):
     """The process's one pjsua2 Endpoint, in a worker thread; async context manager."""
 
-    def __init__(self, workdir: Path, *, log_level: int = 4) -> None:
+    def __init__(self, workdir: Path, *, address: str = LOOPBACK, log_level: int = 4) -> None:
         self.workdir = workdir
+        #: The local address SIP and RTP bind to (and that the SDP offers).
+        self.address = address
         self.log_path = workdir / "pjsua2.log"
         self.log_level = log_level
         self.pj: Any = None
@@ -258,8 +260,8 @@ class SipPhone(Service):
         cfg.medConfig.ecTailLen = 0
         ep.libInit(cfg)
         tcfg = pj.TransportConfig()
-        tcfg.boundAddress = LOOPBACK
-        tcfg.publicAddress = LOOPBACK
+        tcfg.boundAddress = self.address
+        tcfg.publicAddress = self.address
         tcfg.port = 0
         tid = ep.transportCreate(pj.PJSIP_TRANSPORT_UDP, tcfg)
         self.sip_port = int(ep.transportGetInfo(tid).localName.rsplit(":", 1)[1])
@@ -269,15 +271,15 @@ class SipPhone(Service):
             ep.codecSetPriority(codec.codecId, 0)
         ep.codecSetPriority("PCMU/8000", 255)
         acfg = pj.AccountConfig()
-        acfg.idUri = f"sip:caller@{LOOPBACK}:{self.sip_port}"
-        acfg.mediaConfig.transportConfig.boundAddress = LOOPBACK
+        acfg.idUri = f"sip:caller@{self.address}:{self.sip_port}"
+        acfg.mediaConfig.transportConfig.boundAddress = self.address
         acfg.mediaConfig.transportConfig.port = 0
         acfg.natConfig.sdpNatRewriteUse = 0
         acfg.natConfig.viaRewriteUse = 0
         acfg.natConfig.contactRewriteUse = 0
         self._account = pj.Account()
         self._account.create(acfg)
-        log.info("caller: pjsua2 %s on %s:%d", ep.libVersion().full, LOOPBACK, self.sip_port)
+        log.info("caller: pjsua2 %s on %s:%d", ep.libVersion().full, self.address, self.sip_port)
 
     def _destroy_endpoint(self) -> None:
         ep = self._ep

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from harness.ports import LOOPBACK
 from harness.service import Service
 from harness.timing import units
 
@@ -114,6 +115,14 @@ def read_pcap(path: Path) -> list[RtpPacket]:
     return parse_rtp(sc.rdpcap(str(path)))
 
 
+def interface_to(peer: str) -> str:
+    """The network interface packets from *peer* (an IP address) arrive on."""
+    if peer.startswith("127."):
+        return LOOPBACK_IFACE
+    iface, _, _ = _scapy().conf.route.route(peer)
+    return str(iface)
+
+
 class RtpCapture(Service):
     """Capture UDP on loopback matching *bpf*; an async context manager.
 
@@ -138,9 +147,13 @@ class RtpCapture(Service):
         self.raw_count = 0
 
     @classmethod
-    def to_port(cls, port: int, *, pcap: Path | None = None) -> RtpCapture:
-        """Capture the UDP packets sent to *port* on loopback."""
-        return cls(f"udp and dst host 127.0.0.1 and dst port {port}", pcap=pcap)
+    def to_port(
+        cls, port: int, *, host: str = LOOPBACK, peer: str = LOOPBACK, pcap: Path | None = None
+    ) -> RtpCapture:
+        """Capture the UDP packets sent to *host*:*port*, on the interface facing *peer*."""
+        return cls(
+            f"udp and dst host {host} and dst port {port}", pcap=pcap, iface=interface_to(peer)
+        )
 
     async def start(self) -> None:
         check_capture_possible()

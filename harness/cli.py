@@ -11,12 +11,13 @@ import asyncio
 import json
 import logging
 import os
+import signal
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from harness import analysis, audio, bench, report, tts
+from harness import analysis, audio, bench, demobot, report, tts
 from harness.asterisk import REPO_ROOT, AsteriskError, find_install
 from harness.bot import BotError
 from harness.caller import CallerError
@@ -76,8 +77,7 @@ async def demo(args: argparse.Namespace) -> int:
     fmt = ControlFormat(args.format)
     say(f"starting Asterisk ({flavour}: {install.resolve()})")
     async with Rig(install, logdir, name=f"asterisk-{flavour}") as rig:
-        assert rig.asterisk is not None
-        say(f"Asterisk up: SIP 127.0.0.1:{rig.asterisk.sip_port}, bot at {rig.bot.uri}")
+        say(f"Asterisk up: SIP {rig.sip_host}:{rig.sip_port}, bot at {rig.bot.uri}")
         say("calling: pjsua2 -> PJSIP -> Dial(WebSocket/bot) -> bot")
         async with rig.call(control_format=fmt, pcap=logdir / "rtp.pcap") as call:
             session = call.session
@@ -161,6 +161,31 @@ def bench_command(args: argparse.Namespace) -> int:
     return 0
 
 
+async def bot_command(args: argparse.Namespace) -> int:
+    logdir = setup_logging("bot")
+    console = logging.StreamHandler(sys.stderr)
+    console.setFormatter(logging.Formatter("%(asctime)s %(name)s: %(message)s"))
+    logging.getLogger().addHandler(console)
+    host, port = args.listen
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    async with demobot.DemoBot(host, port, greeting=args.text) as bot:
+        log.info("demo bot: listening on %s (logs in %s)", bot.server.uri, logdir)
+        await stop.wait()
+        log.info("demo bot: stopping")
+    return 0
+
+
+def listen_address(text: str) -> tuple[str, int]:
+    """``HOST:PORT`` for argparse."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise argparse.ArgumentTypeError(f"expected HOST:PORT, like 0.0.0.0:8765, not {text!r}")
+    return host, int(port)
+
+
 def print_events(events: Sequence[Event], t0: float) -> None:
     print()
     print("Events from Asterisk (ms since the call was up)")
@@ -188,6 +213,15 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="interrupt the prompt after SECONDS and report what was heard",
     )
+    bot = sub.add_parser("bot", help="serve the demo bot that Asterisk dials (until stopped)")
+    bot.add_argument(
+        "--listen",
+        type=listen_address,
+        default=("127.0.0.1", 8765),
+        metavar="HOST:PORT",
+        help="where to listen (default 127.0.0.1:8765; 0.0.0.0:8765 in a container)",
+    )
+    bot.add_argument("--text", default=demobot.GREETING, help="the greeting")
     b = sub.add_parser("bench", help="benchmark marks, pacing and barge-in, patched and upstream")
     b.add_argument("--quick", action="store_true", help="the short version (about a minute)")
     b.add_argument("--out", default=str(REPO_ROOT / "results" / "latest"))
@@ -204,7 +238,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             return asyncio.run(demo(args))
         if args.command == "bench":
             return bench_command(args)
-    except (AsteriskError, BotError, CallerError, CaptureError, TimeoutError) as exc:
+        if args.command == "bot":
+            return asyncio.run(bot_command(args))
+    except (AsteriskError, BotError, CallerError, CaptureError, TimeoutError, OSError) as exc:
         print(f"astmarks: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

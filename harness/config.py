@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from harness.ports import LOOPBACK
+
 #: The extension the caller dials; the dialplan sends it to the bot.
 BOT_EXTENSION = "bot"
 #: The SIP header the caller uses to pass chan_websocket dial options.
@@ -63,6 +65,23 @@ class AsteriskSettings:
     extra_modules: tuple[str, ...] = field(default_factory=tuple)
     #: Modules Asterisk must load or refuse to start (``require =>``).
     required: tuple[str, ...] = field(default_factory=tuple)
+    #: Where SIP and RTP listen: loopback for the tests, 0.0.0.0 in a container.
+    bind_address: str = LOOPBACK
+    #: More bots, as (name, URI): each gets a connection and an extension of that name.
+    extra_bots: tuple[tuple[str, str], ...] = field(default_factory=tuple)
+    #: The address SIP phones outside ``local_nets`` reach Asterisk at (NAT, port mapping).
+    external_address: str | None = None
+    #: Networks that reach Asterisk directly (no address rewriting for them).
+    local_nets: tuple[str, ...] = field(default_factory=tuple)
+    #: If set, the caller endpoint must authenticate as user ``caller`` with it.
+    sip_password: str | None = None
+    #: Verbose messages on the console too (a container's log).
+    console_verbose: bool = False
+
+    @property
+    def bots(self) -> tuple[tuple[str, str], ...]:
+        """Every bot as (name, URI); the first one is :data:`BOT_CONNECTION`."""
+        return ((BOT_CONNECTION, self.bot_uri), *self.extra_bots)
 
     @property
     def etc(self) -> Path:
@@ -110,13 +129,14 @@ hideconnect = yes
 cache_media_frames = no
 documentation_language = en_US
 """
-    files["logger.conf"] = """\
+    console = "notice,warning,error" + (",verbose" if s.console_verbose else "")
+    files["logger.conf"] = f"""\
 [general]
 dateformat = %F %T.%3q
 
 [logfiles]
 messages.log => notice,warning,error,verbose,debug
-console => notice,warning,error
+console => {console}
 """
     modules = "\n".join(
         [f"load => {m}" for m in (*MODULES, *s.extra_modules)]
@@ -138,12 +158,60 @@ bindport = {s.http_port}
 rtpstart = {s.rtp_start}
 rtpend = {s.rtp_end}
 """
-    files["pjsip.conf"] = f"""\
+    files["pjsip.conf"] = _pjsip(s)
+    files["websocket_client.conf"] = "\n".join(
+        f"""\
+[{name}]
+type = websocket_client
+connection_type = per_call_config
+uri = {uri}
+protocols = media
+connection_timeout = 1000
+reconnect_attempts = 1
+reconnect_interval = 200
+"""
+        for name, uri in s.bots
+    )
+    files["chan_websocket.conf"] = f"""\
+[global]
+type = global
+control_message_format = {s.control_format}
+"""
+    dial = "\n".join(
+        f"""
+; The caller passes chan_websocket dial options in {OPTIONS_HEADER}.
+exten => {name},1,NoOp(Media call to {name}: ${{PJSIP_HEADER(read,{OPTIONS_HEADER})}})
+ same => n,Dial(WebSocket/{name}/${{PJSIP_HEADER(read,{OPTIONS_HEADER})}})
+ same => n,Hangup()"""
+        for name, _ in s.bots
+    )
+    files["extensions.conf"] = f"""\
+[general]
+static = yes
+writeprotect = yes
+
+[bot]{dial}
+
+exten => echo,1,Answer()
+ same => n,Echo()
+"""
+    return files
+
+
+def _pjsip(s: AsteriskSettings) -> str:
+    transport = f"""\
 [transport-udp]
 type = transport
 protocol = udp
-bind = 127.0.0.1:{s.sip_port}
-
+bind = {s.bind_address}:{s.sip_port}
+"""
+    if s.external_address:
+        transport += (
+            f"external_media_address = {s.external_address}\n"
+            f"external_signaling_address = {s.external_address}\n"
+        )
+    transport += "".join(f"local_net = {net}\n" for net in s.local_nets)
+    endpoint = f"""
 [{CALLER_ENDPOINT}]
 type = endpoint
 context = bot
@@ -151,37 +219,23 @@ disallow = all
 allow = ulaw
 direct_media = no
 rtp_symmetric = yes
+force_rport = yes
+rewrite_contact = yes
 """
-    files["websocket_client.conf"] = f"""\
-[{BOT_CONNECTION}]
-type = websocket_client
-connection_type = per_call_config
-uri = {s.bot_uri}
-protocols = media
-connection_timeout = 1000
-reconnect_attempts = 1
-reconnect_interval = 200
-"""
-    files["chan_websocket.conf"] = f"""\
-[global]
-type = global
-control_message_format = {s.control_format}
-"""
-    files["extensions.conf"] = f"""\
-[general]
-static = yes
-writeprotect = yes
+    if s.sip_password is None:
+        return transport + endpoint
+    return (
+        transport
+        + endpoint
+        + f"""auth = {CALLER_ENDPOINT}-auth
 
-[bot]
-; The caller passes chan_websocket dial options in {OPTIONS_HEADER}.
-exten => {BOT_EXTENSION},1,NoOp(Media call: ${{PJSIP_HEADER(read,{OPTIONS_HEADER})}})
- same => n,Dial(WebSocket/{BOT_CONNECTION}/${{PJSIP_HEADER(read,{OPTIONS_HEADER})}})
- same => n,Hangup()
-
-exten => echo,1,Answer()
- same => n,Echo()
+[{CALLER_ENDPOINT}-auth]
+type = auth
+auth_type = userpass
+username = {CALLER_ENDPOINT}
+password = {s.sip_password}
 """
-    return files
+    )
 
 
 def write(settings: AsteriskSettings) -> None:

@@ -1,4 +1,4 @@
-"""Free loopback ports, chosen at start rather than fixed."""
+"""Free loopback ports, chosen at start rather than fixed, and local addresses."""
 
 from __future__ import annotations
 
@@ -37,3 +37,15 @@ def free_udp_range(size: int, *, low: int = 20000, high: int = 60000, tries: int
         if all(port_is_free(p, socket.SOCK_DGRAM) for p in range(start, start + size)):
             return start
     raise OSError(f"no {size} consecutive free UDP ports on {LOOPBACK} after {tries} tries")
+
+
+def source_address(host: str) -> str:
+    """The local address this machine sends from to reach *host* (no packet is sent)."""
+    try:
+        addr = socket.gethostbyname(host)
+    except OSError as exc:
+        raise OSError(f"cannot resolve {host!r}: {exc}") from exc
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.connect((addr, 9))
+        local: str = s.getsockname()[0]
+        return local

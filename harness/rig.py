@@ -3,6 +3,11 @@
 ``Rig.call()`` places a real SIP call to the extension that dials the bot,
 waits for the bot's WebSocket session and the caller's media, starts the RTP
 capture of what Asterisk sends to the caller and yields a :class:`LiveCall`.
+
+Normally the rig starts an Asterisk of its own on loopback. Given
+:class:`Services` (``HARNESS_ASTERISK_HOST`` and friends, as docker compose
+sets them) it uses an Asterisk that runs elsewhere, configured by
+:mod:`harness.serve`, whose ``harness`` extension dials this rig's bot.
 """
 
 from __future__ import annotations
@@ -10,23 +15,76 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import socket
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from harness.asterisk import Asterisk
+from harness.asterisk import Asterisk, AsteriskError, tail
 from harness.bot import BotError, BotServer, BotSession
 from harness.caller import CallerError, CallHandle, Phone, SipPhone
 from harness.capture import RtpCapture, RtpPacket
 from harness.config import BOT_EXTENSION, OPTIONS_HEADER
 from harness.events import ControlFormat
-from harness.ports import LOOPBACK
+from harness.ports import LOOPBACK, source_address
 from harness.service import Service
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Services:
+    """An Asterisk that runs elsewhere, and where this rig's bot must listen for it."""
+
+    asterisk_host: str
+    sip_port: int = 5060
+    #: The extension that dials this rig's bot (``HARNESS_BOT_URI`` there).
+    extension: str = "harness"
+    bot_host: str = "0.0.0.0"
+    bot_port: int = 8765
+    #: Asterisk's log directory, if shared with this host (for failure reports).
+    logs: Path | None = None
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] = os.environ) -> Services | None:
+        """The services named by ``HARNESS_ASTERISK_HOST`` & co.; None if unset."""
+        host = environ.get("HARNESS_ASTERISK_HOST")
+        if not host:
+            return None
+        listen = environ.get("HARNESS_BOT_LISTEN", "0.0.0.0:8765")
+        bot_host, _, bot_port = listen.rpartition(":")
+        sip_port = environ.get("HARNESS_ASTERISK_SIP_PORT", "5060")
+        if not bot_host or not bot_port.isdigit() or not sip_port.isdigit():
+            raise AsteriskError(
+                f"HARNESS_BOT_LISTEN={listen!r} must be HOST:PORT and "
+                f"HARNESS_ASTERISK_SIP_PORT={sip_port!r} a port number"
+            )
+        logs = environ.get("HARNESS_ASTERISK_LOGS")
+        return cls(
+            asterisk_host=host,
+            sip_port=int(sip_port),
+            extension=environ.get("HARNESS_EXTENSION", "harness"),
+            bot_host=bot_host,
+            bot_port=int(bot_port),
+            logs=Path(logs) if logs else None,
+        )
+
+    def address(self) -> str:
+        """Asterisk's IP address."""
+        try:
+            return socket.gethostbyname(self.asterisk_host)
+        except OSError as exc:
+            raise AsteriskError(
+                f"cannot resolve the Asterisk host {self.asterisk_host!r}: {exc}"
+            ) from None
+
+    def local_address(self) -> str:
+        """This host's address on the way to Asterisk (the phone binds to it)."""
+        return source_address(self.address())
 
 
 @dataclass
@@ -52,20 +110,29 @@ class Rig(Service):
 
     def __init__(
         self,
-        install: Path,
+        install: Path | None,
         workdir: Path,
         *,
         phone: Phone | None = None,
         name: str = "asterisk",
+        services: Services | None = None,
     ) -> None:
+        if install is None and services is None:
+            raise ValueError("a rig needs an Asterisk install or running services")
         self.install = install
         self.workdir = workdir
         self.name = name
-        self.bot = BotServer()
+        self.services = services
+        self.bot = BotServer(services.bot_host, services.bot_port) if services else BotServer()
         self.asterisk: Asterisk | None = None
+        #: Where calls go: Asterisk's address, SIP port and the bot's extension.
+        self.sip_host = LOOPBACK
+        self.sip_port = 0
+        self.extension = services.extension if services else BOT_EXTENSION
         self._own_phone: SipPhone | None = None
         if phone is None:
-            self._own_phone = SipPhone(workdir / "pjsua2")
+            address = services.local_address() if services else LOOPBACK
+            self._own_phone = SipPhone(workdir / "pjsua2", address=address)
         self.phone: Phone = phone or self._own_phone  # type: ignore[assignment]
         # Calls are set up one at a time: Asterisk 22.10.1 stores a call's v()
         # URI parameters on the shared websocket_client object just before it
@@ -76,8 +143,21 @@ class Rig(Service):
     async def start(self) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)
         await self.bot.start()
-        self.asterisk = Asterisk(self.install, self.bot.uri, name=self.name)
-        await self.asterisk.start()
+        if self.services is not None:
+            self.sip_host = self.services.address()
+            self.sip_port = self.services.sip_port
+            log.info(
+                "rig: using the Asterisk at %s:%d (extension %s), bot on %s",
+                self.sip_host,
+                self.sip_port,
+                self.extension,
+                self.bot.uri,
+            )
+        else:
+            assert self.install is not None
+            self.asterisk = Asterisk(self.install, self.bot.uri, name=self.name)
+            await self.asterisk.start()
+            self.sip_port = self.asterisk.sip_port
         if self._own_phone is not None:
             await self._own_phone.start()
 
@@ -91,10 +171,12 @@ class Rig(Service):
             await self.bot.stop()
 
     def describe_logs(self) -> str:
-        parts = []
         if self.asterisk is not None:
-            parts.append(self.asterisk.describe_logs())
-        return "\n".join(parts)
+            return self.asterisk.describe_logs()
+        if self.services is not None and self.services.logs is not None:
+            messages = self.services.logs / "messages.log"
+            return f"--- {self.name}: messages.log ({messages}) ---\n{tail(messages)}"
+        return ""
 
     @contextlib.asynccontextmanager
     async def call(
@@ -108,10 +190,10 @@ class Rig(Service):
         record: Path | None = None,
     ) -> AsyncIterator[LiveCall]:
         """Place a call into the bot and yield it once media flows."""
-        assert self.asterisk is not None, "rig not started"
+        assert self.sip_port, "rig not started"
         tag = uuid.uuid4().hex[:12]
         dial_options = f"c({codec}){control_format.dial_option}v(call={tag}){options}"
-        uri = f"sip:{BOT_EXTENSION}@{LOOPBACK}:{self.asterisk.sip_port}"
+        uri = f"sip:{self.extension}@{self.sip_host}:{self.sip_port}"
         log.info("rig: call %s -> %s with WebSocket options %s", tag, uri, dial_options)
         async with self._setup:
             sip = await self.phone.call(
@@ -129,7 +211,8 @@ class Rig(Service):
             cap = None
             if capture:
                 assert sip.record.local_rtp is not None
-                cap = RtpCapture.to_port(sip.record.local_rtp[1], pcap=pcap)
+                host, port = sip.record.local_rtp
+                cap = RtpCapture.to_port(port, host=host, peer=self.sip_host, pcap=pcap)
                 await cap.start()
             live = LiveCall(tag=tag, session=session, sip=sip, capture=cap)
             yield live

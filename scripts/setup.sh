@@ -3,30 +3,39 @@
 # missing ones) and a virtualenv in .venv with the harness and its dependencies.
 # Idempotent: a second run installs nothing and takes a second.
 #
-#   setup.sh            apt packages + .venv
-#   setup.sh apt        apt packages only (used by docker/)
+#   setup.sh               everything: build, runtime and tool packages + .venv
+#   setup.sh apt           the apt packages only
+#   setup.sh apt-build     what scripts/asterisk-build.sh needs (docker/ build stage)
+#   setup.sh apt-runtime   what the installed Asterisk and harness.serve need
+#   setup.sh apt-tools     runtime + what the tests and the bot use (no compiler)
+#   setup.sh venv          the virtualenv only ($VENV, default .venv)
 set -euo pipefail
 
 top=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 venv=${VENV:-$top/.venv}
 python=${PYTHON:-python3}
 
-# Build dependencies of the trimmed Asterisk build, and the harness's tools.
-readonly APT_PACKAGES=(
+# Build dependencies of the trimmed Asterisk build (scripts/asterisk-build.sh).
+readonly BUILD_PACKAGES=(
 	build-essential pkg-config dpkg-dev git bzip2 patch xz-utils ca-certificates curl
 	debian-archive-keyring
 	libedit-dev libjansson-dev libxml2-dev libsqlite3-dev uuid-dev libssl-dev
 	libncurses-dev
-	libpcap0.8 tcpdump espeak-ng sox
-	python3 python3-venv
 )
+# Shared libraries of the installed Asterisk, and Python for harness.serve.
+readonly RUNTIME_PACKAGES=(
+	libedit2 libjansson4 libsqlite3-0 libssl3 libuuid1 libxml2 libxslt1.1 libstdc++6
+	ca-certificates python3
+)
+# The harness: capture, the spoken prompt, the virtualenv.
+readonly TOOL_PACKAGES=(libpcap0.8 tcpdump espeak-ng sox python3-venv)
 
 say() { printf '[setup] %s\n' "$*" >&2; }
 die() { printf 'setup: error: %s\n' "$*" >&2; exit 1; }
 
 missing_packages() {
 	local p
-	for p in "${APT_PACKAGES[@]}"; do
+	for p in "$@"; do
 		dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' \
 			|| printf '%s\n' "$p"
 	done
@@ -36,7 +45,7 @@ install_apt() {
 	command -v dpkg-query >/dev/null || die "this is not a Debian system (no dpkg-query);" \
 		"install the packages listed in scripts/setup.sh by hand"
 	local missing
-	mapfile -t missing < <(missing_packages)
+	mapfile -t missing < <(missing_packages "$@")
 	if [ ${#missing[@]} -eq 0 ]; then
 		say "apt packages: all present"
 		return 0
@@ -83,8 +92,14 @@ install_venv() {
 }
 
 case "${1:-all}" in
-apt) install_apt ;;
+apt) install_apt "${BUILD_PACKAGES[@]}" "${RUNTIME_PACKAGES[@]}" "${TOOL_PACKAGES[@]}" ;;
+apt-build) install_apt "${BUILD_PACKAGES[@]}" ;;
+apt-runtime) install_apt "${RUNTIME_PACKAGES[@]}" ;;
+apt-tools) install_apt "${RUNTIME_PACKAGES[@]}" "${TOOL_PACKAGES[@]}" ;;
 venv) install_venv ;;
-all) install_apt; install_venv ;;
-*) die "usage: setup.sh [all|apt|venv]" ;;
+all)
+	install_apt "${BUILD_PACKAGES[@]}" "${RUNTIME_PACKAGES[@]}" "${TOOL_PACKAGES[@]}"
+	install_venv
+	;;
+*) die "usage: setup.sh [all|apt|apt-build|apt-runtime|apt-tools|venv]" ;;
 esac

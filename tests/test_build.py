@@ -134,7 +134,9 @@ def release(tmp_path: Path) -> tuple[Path, str]:
     src.mkdir(parents=True)
     (src / "chan_websocket.c").write_text("/* stand-in */\n")
     tarball = tmp_path / "asterisk-23.0.0.tar.gz"
-    subprocess.run(["tar", "-czf", str(tarball), "-C", str(tmp_path), "asterisk-23.0.0"], check=True)
+    subprocess.run(
+        ["tar", "-czf", str(tarball), "-C", str(tmp_path), "asterisk-23.0.0"], check=True
+    )
     digest = subprocess.run(
         ["sha256sum", str(tarball)], capture_output=True, text=True, check=True
     ).stdout.split()[0]

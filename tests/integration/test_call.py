@@ -51,7 +51,7 @@ async def test_media_start_and_event_times(rig: Rig, fmt: ControlFormat) -> None
         assert start.get_str("format") == "ulaw"
         assert start.get_int("optimal_frame_size") == 160
         assert start.get_int("ptime") == 20
-        assert start.get_str("connection_id") == "bot"
+        assert start.get_str("connection_id") == rig.extension
         assert s.tag == call.tag
         await s.send_audio(audio.tagged_frames(0, 5))
         await s.command("MARK_MEDIA", "m1")
