@@ -13,6 +13,7 @@ import shutil
 import subprocess
 import tempfile
 import warnings
+import wave
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -126,6 +127,16 @@ def level(ulaw: bytes) -> int:
         return 0
     audioop = _audioop()
     return int(audioop.rms(audioop.ulaw2lin(ulaw, 2), 2))
+
+
+def write_wav(path: Path, ulaw: bytes) -> Path:
+    """Write μ-law audio as the 8 kHz 16-bit mono WAV file a SIP phone plays."""
+    with wave.open(str(path), "wb") as out:
+        out.setnchannels(1)
+        out.setsampwidth(2)
+        out.setframerate(SAMPLE_RATE)
+        out.writeframes(_audioop().ulaw2lin(ulaw, 2))
+    return path
 
 
 def tone(freq: float, duration_ms: int, level: float = 0.3) -> bytes:

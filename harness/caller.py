@@ -104,6 +104,8 @@ class SipCall:
         self.record = record
         self._pj_call: Any = None
         self._recorder: Any = None
+        self._player: Any = None
+        self._media_index: int | None = None
         self.confirmed: asyncio.Future[None] = phone.loop.create_future()
         self.media_active: asyncio.Future[None] = phone.loop.create_future()
         self.disconnected: asyncio.Future[None] = phone.loop.create_future()
@@ -156,6 +158,19 @@ class SipCall:
             prm = pj.CallOpParam()
             prm.statusCode = 200
             self._pj_call.hangup(prm)
+
+    async def play(self, wav: Path) -> None:
+        """Speak into the call: send *wav* (8 kHz 16-bit mono) once, as the caller."""
+        await self.phone.run(lambda: self._play(wav))
+
+    def _play(self, wav: Path) -> None:
+        pj = self.phone.pj
+        if self._pj_call is None or self._media_index is None:
+            raise CallerError(f"call {self.record.tag} has no active audio to play into")
+        player = pj.AudioMediaPlayer()
+        player.createPlayer(str(wav), pj.PJMEDIA_FILE_NO_LOOP)
+        player.startTransmit(self._pj_call.getAudioMedia(self._media_index))
+        self._player = player
 
     async def wait_disconnected(self, timeout: float | None = None) -> None:
         timeout = units(10) if timeout is None else timeout
@@ -291,6 +306,7 @@ class SipPhone(Service):
         for call in self._calls:
             call._pj_call = None
             call._recorder = None
+            call._player = None
         self._calls.clear()
         self._account = None
         gc.collect()
@@ -382,6 +398,7 @@ class SipPhone(Service):
 
     def _media_up(self, call: SipCall, pj_call: Any, index: int) -> None:
         rec = call.record
+        call._media_index = index
         try:
             tp = pj_call.getMedTransportInfo(index)
             host, _, port = tp.localRtpName.rpartition(":")

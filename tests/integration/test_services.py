@@ -23,15 +23,16 @@ import pytest
 from harness import audio
 from harness.asterisk import tail
 from harness.caller import SipPhone
-from harness.capture import RtpCapture
+from harness.capture import RtpCapture, RtpPacket
 from harness.config import OPTIONS_HEADER
 from harness.ports import LOOPBACK, free_port, free_udp_range
 from harness.rig import Rig, Services
 from harness.timing import units
 from tests.conftest import SERVICES, failed, report
 
-#: A short greeting, so that a call to the local demo bot ends quickly.
-GREETING = "Hello from the demo bot."
+#: A short greeting, so that a call to the local demo bot ends quickly, yet
+#: long enough to be talked over.
+GREETING = "Hello from the demo bot. Talk over me, and I will stop and tell you."
 
 
 @dataclass
@@ -156,9 +157,10 @@ async def test_rig_uses_the_running_asterisk(
         assert played == [100, 200, 300, 400, 500]
 
 
-async def test_demo_bot_speaks_paced_by_marks_then_hangs_up(
-    running: Running, phone: SipPhone, capture_ok: None
-) -> None:
+async def _call_demo_bot(
+    running: Running, phone: SipPhone, talk: Path | None = None
+) -> list[RtpPacket]:
+    """Call the demo bot and stay on until it hangs up; *talk* is played at 1 s."""
     host = running.services.address()
     uri = f"sip:{running.demo_extension}@{host}:{running.services.sip_port}"
     tag = uuid.uuid4().hex[:12]
@@ -168,20 +170,50 @@ async def test_demo_bot_speaks_paced_by_marks_then_hangs_up(
         assert sip.record.local_rtp is not None
         local, port = sip.record.local_rtp
         async with RtpCapture.to_port(port, host=local, peer=host) as capture:
-            # The greeting, then "You heard all of it. Goodbye.", then the bot hangs up.
+            if talk is not None:
+                await asyncio.sleep(1.0)
+                await sip.play(talk)
+            # The greeting, the bot's answer, and the bot hangs up.
             await sip.wait_disconnected(timeout=units(60))
-        packets = capture.packets
+        return capture.packets
     finally:
         with contextlib.suppress(Exception):
             await sip.hangup()
-    assert sip.record.last_status == 200 or sip.record.state == "DISCONNCTD"
-    loud = [p for p in packets if audio.level(p.payload) > 300]
+
+
+def _loud(packets: list[RtpPacket]) -> int:
+    return sum(1 for p in packets if audio.level(p.payload) > 300)
+
+
+async def test_demo_bot_speaks_paced_by_marks_then_hangs_up(
+    running: Running, phone: SipPhone, capture_ok: None
+) -> None:
+    packets = await _call_demo_bot(running, phone)
     heard_s = len(packets) * audio.FRAME_MS / 1000
-    report("demo bot call: RTP to the caller", f"{heard_s:.2f} s, {len(loud)} loud packets")
+    report("demo bot call: RTP to the caller", f"{heard_s:.2f} s, {_loud(packets)} loud packets")
     assert heard_s >= 2.0, "the greeting and the goodbye were played"
-    assert len(loud) >= 25, "speech, not silence"
+    assert _loud(packets) >= 25, "speech, not silence"
     if running.bot_log is not None:
         log = running.bot_log.read_text()
         assert "MARK_PLAYED" in log, log
+        assert "MARK_CLEARED" not in log, log
         assert "hanging up" in log, log
         assert "Traceback" not in log, log
+
+
+async def test_demo_bot_stops_when_the_caller_talks(
+    running: Running, phone: SipPhone, capture_ok: None, tmp_path: Path
+) -> None:
+    talk = audio.write_wav(tmp_path / "talk.wav", audio.tone(300.0, 800, level=0.5))
+    packets = await _call_demo_bot(running, phone, talk=talk)
+    assert _loud(packets) >= 25
+    if running.bot_log is not None:
+        log = running.bot_log.read_text()
+        assert "the caller talks: barge-in" in log, log
+        heard = [line for line in log.splitlines() if "MEDIA_FLUSHED: the caller heard" in line]
+        assert len(heard) == 1, log
+        heard_ms = int(heard[0].rsplit("heard ", 1)[1].split()[0])
+        report("demo bot barge-in: heard before the flush", f"{heard_ms} ms")
+        # Talk started 1 s in; the bot needs 200 ms of it, plus a poll.
+        assert 800 <= heard_ms <= 2500, log
+        assert "hanging up" in log and "Traceback" not in log, log
