@@ -127,6 +127,16 @@ def run_source(env: dict[str, str], cache: Path) -> subprocess.CompletedProcess[
     )
 
 
+def tarball_env(tarball: Path, sha256: str) -> dict[str, str]:
+    """Build release 23.0.0 from *tarball* (a file:// URL), expecting *sha256*."""
+    return {
+        "ASTERISK_SOURCE": "tarball",
+        "ASTERISK_VERSION": "23.0.0",
+        "ASTERISK_TARBALL_URL": tarball.as_uri(),
+        "ASTERISK_TARBALL_SHA256": sha256,
+    }
+
+
 @pytest.fixture
 def release(tmp_path: Path) -> tuple[Path, str]:
     """A stand-in release tarball on disk (file:// URL) and its sha256."""
@@ -179,12 +189,7 @@ def test_tarball_checksum_mismatch_stops_and_keeps_nothing(
 ) -> None:
     tarball, _ = release
     cache = tmp_path / "cache"
-    env = {
-        "ASTERISK_SOURCE": "tarball",
-        "ASTERISK_VERSION": "23.0.0",
-        "ASTERISK_TARBALL_URL": tarball.as_uri(),
-        "ASTERISK_TARBALL_SHA256": "0" * 64,
-    }
+    env = tarball_env(tarball, "0" * 64)
     done = run_source(env, cache)
     assert done.returncode == 1
     assert "checksum mismatch for asterisk-23.0.0.tar.gz" in done.stderr
@@ -193,12 +198,7 @@ def test_tarball_checksum_mismatch_stops_and_keeps_nothing(
 
 
 def test_missing_release_is_reported(tmp_path: Path) -> None:
-    env = {
-        "ASTERISK_SOURCE": "tarball",
-        "ASTERISK_VERSION": "23.0.0",
-        "ASTERISK_TARBALL_URL": (tmp_path / "nowhere.tar.gz").as_uri(),
-        "ASTERISK_TARBALL_SHA256": "0" * 64,
-    }
+    env = tarball_env(tmp_path / "nowhere.tar.gz", "0" * 64)
     done = run_source(env, tmp_path / "cache")
     assert done.returncode == 1
     assert "cannot download Asterisk 23.0.0" in done.stderr
@@ -207,12 +207,7 @@ def test_missing_release_is_reported(tmp_path: Path) -> None:
 def test_verified_tarball_is_cached(tmp_path: Path, release: tuple[Path, str]) -> None:
     tarball, digest = release
     cache = tmp_path / "cache"
-    env = {
-        "ASTERISK_SOURCE": "tarball",
-        "ASTERISK_VERSION": "23.0.0",
-        "ASTERISK_TARBALL_URL": tarball.as_uri(),
-        "ASTERISK_TARBALL_SHA256": digest,
-    }
+    env = tarball_env(tarball, digest)
     first = run_source(env, cache)
     assert first.returncode == 0, first.stderr
     tarball.unlink()  # the second run must not need it
