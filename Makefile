@@ -7,9 +7,9 @@ PY := $(VENV)/bin/python
 BUILD := scripts/asterisk-build.sh
 PYTEST_ARGS ?=
 
-.PHONY: docker-engine all setup asterisk asterisk-upstream check-patches devcheck demo test \
-	unit lint test-asan bench clean distclean help docker-check docker-build \
-	docker-test docker-up
+.PHONY: all setup asterisk asterisk-upstream check-patches devcheck demo test \
+	unit lint test-asan bench clean distclean help docker-check docker-engine \
+	docker-build docker-test docker-up
 
 all: help
 

@@ -24,6 +24,7 @@ from harness.caller import CallerError
 from harness.capture import CaptureError, check_capture_possible
 from harness.events import ControlFormat, Event
 from harness.pacer import Pacer
+from harness.ports import parse_host_port
 from harness.rig import Rig
 
 log = logging.getLogger("harness.cli")
@@ -180,10 +181,10 @@ async def bot_command(args: argparse.Namespace) -> int:
 
 def listen_address(text: str) -> tuple[str, int]:
     """``HOST:PORT`` for argparse."""
-    host, sep, port = text.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise argparse.ArgumentTypeError(f"expected HOST:PORT, like 0.0.0.0:8765, not {text!r}")
-    return host, int(port)
+    try:
+        return parse_host_port(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def print_events(events: Sequence[Event], t0: float) -> None:

@@ -46,8 +46,6 @@ class DemoBot(Service):
         self.greeting = greeting
         self._prompt: audio.Prompt | None = None
         self._calls = itertools.count(1)
-        #: What each finished call did: (call number, interrupted, heard ms).
-        self.finished: list[tuple[int, bool, float | None]] = []
 
     async def start(self) -> None:
         self._prompt = await asyncio.to_thread(audio.render_prompt, self.greeting)
@@ -96,7 +94,6 @@ class DemoBot(Service):
             reply = "You heard all of it. Goodbye."
         speech = await asyncio.to_thread(audio.render_prompt, reply)
         await _wait_played(session, await Pacer(session).play(tts.speak(speech.ulaw)))
-        self.finished.append((call, result.interrupted, result.heard_ms))
         log.info("call %d: hanging up", call)
         await session.command("HANGUP")
         await session.wait_closed()
@@ -112,18 +109,18 @@ async def _wait_played(session: BotSession, result: PacingResult) -> Event | Non
 async def _caller_talks(session: BotSession) -> None:
     """Return once the caller's audio has been loud for :data:`SPEECH_MS`."""
     loud_ms = 0.0
-    seen = len(session.audio_in)
+    # The bot keeps no history of the caller's audio (a long call's memory
+    # stays flat): each poll takes what arrived since the last one.
+    session.audio_in.clear()
     while not session.closed.is_set():
         await asyncio.sleep(0.05)
-        fresh, seen = session.audio_in[seen:], len(session.audio_in)
+        fresh = list(session.audio_in)
+        session.audio_in.clear()
         for piece in fresh:
             if audio.level(piece.data) >= SPEECH_LEVEL:
                 loud_ms += audio.ms_of(len(piece.data))
             else:
                 loud_ms = 0.0
-        # Keep a long call's memory flat: the bot needs no history.
-        del session.audio_in[:seen]
-        seen = 0
         if loud_ms >= SPEECH_MS:
             return
 

@@ -39,6 +39,14 @@ def free_udp_range(size: int, *, low: int = 20000, high: int = 60000, tries: int
     raise OSError(f"no {size} consecutive free UDP ports on {LOOPBACK} after {tries} tries")
 
 
+def parse_host_port(text: str) -> tuple[str, int]:
+    """``HOST:PORT`` as (host, port); ValueError that names the text if it is not."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"expected HOST:PORT, like 0.0.0.0:8765, not {text!r}")
+    return host, int(port)
+
+
 def source_address(host: str) -> str:
     """The local address this machine sends from to reach *host* (no packet is sent)."""
     try:

@@ -30,7 +30,7 @@ from harness.caller import CallerError, CallHandle, Phone, SipPhone
 from harness.capture import RtpCapture, RtpPacket
 from harness.config import BOT_EXTENSION, OPTIONS_HEADER
 from harness.events import ControlFormat
-from harness.ports import LOOPBACK, source_address
+from harness.ports import LOOPBACK, parse_host_port, source_address
 from harness.service import Service
 
 log = logging.getLogger(__name__)
@@ -56,20 +56,19 @@ class Services:
         if not host:
             return None
         listen = environ.get("HARNESS_BOT_LISTEN", "0.0.0.0:8765")
-        bot_host, _, bot_port = listen.rpartition(":")
         sip_port = environ.get("HARNESS_ASTERISK_SIP_PORT", "5060")
-        if not bot_host or not bot_port.isdigit() or not sip_port.isdigit():
-            raise AsteriskError(
-                f"HARNESS_BOT_LISTEN={listen!r} must be HOST:PORT and "
-                f"HARNESS_ASTERISK_SIP_PORT={sip_port!r} a port number"
-            )
+        try:
+            bot_host, bot_port = parse_host_port(listen)
+            _, port = parse_host_port(f"{host}:{sip_port}")
+        except ValueError as exc:
+            raise AsteriskError(f"HARNESS_BOT_LISTEN / HARNESS_ASTERISK_SIP_PORT: {exc}") from None
         logs = environ.get("HARNESS_ASTERISK_LOGS")
         return cls(
             asterisk_host=host,
-            sip_port=int(sip_port),
+            sip_port=port,
             extension=environ.get("HARNESS_EXTENSION", "harness"),
             bot_host=bot_host,
-            bot_port=int(bot_port),
+            bot_port=bot_port,
             logs=Path(logs) if logs else None,
         )
 
