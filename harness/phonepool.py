@@ -14,9 +14,10 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from harness.caller import CallerError, CallRecord, SipCall, SipPhone
 from harness.service import Service
@@ -112,7 +113,11 @@ class _Worker:
     async def _read(self) -> None:
         assert self.proc is not None and self.proc.stdout is not None
         async for line in self.proc.stdout:
-            msg = json.loads(line)
+            try:
+                msg = json.loads(line)
+            except ValueError:
+                log.warning("caller process %d: not a message: %r", self.index, line[:200])
+                continue
             call = self.calls.get(msg.get("tag", ""))
             if call is not None:
                 call._event(msg)
@@ -179,7 +184,7 @@ class PhonePool(Service):
 # --- the worker process -------------------------------------------------------------
 
 
-async def _serve(workdir: Path) -> None:
+async def _serve(workdir: Path, channel: IO[str]) -> None:
     loop = asyncio.get_running_loop()
     reader = asyncio.StreamReader()
     await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
@@ -187,8 +192,8 @@ async def _serve(workdir: Path) -> None:
     tasks: set[asyncio.Task[None]] = set()
 
     def emit(msg: dict[str, Any]) -> None:
-        sys.stdout.write(json.dumps(msg) + "\n")
-        sys.stdout.flush()
+        channel.write(json.dumps(msg) + "\n")
+        channel.flush()
 
     async def run_call(phone: SipPhone, msg: dict[str, Any]) -> None:
         tag = msg["tag"]
@@ -222,4 +227,9 @@ async def _serve(workdir: Path) -> None:
 
 if __name__ == "__main__":  # pragma: no cover - the worker process
     logging.basicConfig(filename=str(Path(sys.argv[1]) / "worker.log"), level=logging.INFO)
-    asyncio.run(_serve(Path(sys.argv[1])))
+    # The parent reads messages from our stdout. pjlib prints to the process's
+    # stdout (at start and at shutdown, whatever its log settings), so the
+    # messages get a descriptor of their own and stdout goes to stderr's log.
+    messages = os.fdopen(os.dup(sys.stdout.fileno()), "w")
+    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
+    asyncio.run(_serve(Path(sys.argv[1]), messages))
