@@ -15,6 +15,11 @@
 # Environment:
 #   ASTERISK_MARKS_CACHE   cache directory (default ~/.cache/asterisk-marks)
 #   ASTERISK_BUILD_JOBS    parallel make jobs (default: number of cores)
+#   ASTERISK_PROFILE       the modules: "test" (default; what the harness loads,
+#                          a short build) or "deployment" (what a voice-bot
+#                          deployment uses: ARI, Stasis, bridges, PJSIP, codecs,
+#                          formats, playback; the Docker image's). Own cache key;
+#                          a deployment build links as build/asterisk-deployment.
 #   ASTERISK_SANITIZE      "address" builds with AddressSanitizer (own cache key)
 #   ASTERISK_INSTALL_LINK  where to link the install (default build/ in the checkout)
 #   ASTERISK_DESTDIR       install here too (a plain copy; used by docker/)
@@ -38,8 +43,9 @@ readonly DSC_SHA256=8799652c4e2fc4bb4d6610b0f7144a9945bcff847d0185fb10fca20de053
 # its own asterisk.conf, so where the tree is really installed does not matter.
 readonly PREFIX=/opt/asterisk-marks
 
-# Modules the harness needs; everything else is left out to keep builds short.
-readonly MODULES=(
+# Profile "test": the modules the harness needs; everything else is left out
+# to keep builds short.
+readonly TEST_MODULES=(
 	app_dial app_echo pbx_config
 	bridge_simple bridge_native_rtp bridge_builtin_features
 	chan_pjsip chan_websocket
@@ -51,8 +57,40 @@ readonly MODULES=(
 	res_pjsip_header_funcs res_pjsip_logger res_pjsip_authenticator_digest
 	res_pjsip_caller_id res_pjsip_pubsub res_pjsip_outbound_authenticator_digest
 	res_rtp_asterisk res_sorcery_config res_sorcery_memory res_sorcery_astdb
-	res_sorcery_realtime res_crypto res_http_media_cache res_format_attr_opus
+	res_sorcery_realtime res_crypto res_format_attr_opus
 )
+# Profile "deployment": what a voice-bot deployment uses. Patterns are
+# matched against the source's own module list (menuselect), so the profile
+# follows the source; a module a pattern matches whose libraries are missing
+# is left out and named in the log. A module named without a pattern must
+# build, or the build stops.
+readonly DEPLOYMENT_MODULES=(
+	"${TEST_MODULES[@]}"
+	# ARI and Stasis: channels/externalMedia, bridges, playbacks, recordings, snoop
+	'res_ari*' 'res_stasis*' app_stasis
+	# Applications a dialplan or an ARI app uses around a bot
+	app_playback app_controlplayback app_record app_mixmonitor app_senddtmf app_read
+	app_originate app_bridgewait app_bridgeaddchan app_chanspy app_confbridge app_exec
+	app_stack app_transfer app_blind_transfer app_attended_transfer app_softhangup
+	app_verbose app_userevent app_dumpchan app_milliwatt app_playtones app_talkdetect
+	app_waitforsilence app_waituntil app_if app_while app_db app_sendtext app_cdr
+	app_audiosocket app_channelredirect app_system
+	# Channels and bridges
+	chan_rtp chan_audiosocket chan_bridge_media 'bridge_*'
+	# SIP: the whole PJSIP family (registrar, outbound registration, NAT, ...)
+	'res_pjsip*'
+	# Media: codecs, file formats, format attributes, music on hold
+	'codec_*' 'format_*' 'res_format_attr_*' res_musiconhold res_rtp_multicast
+	# Dialplan functions, call files, CLI originate, CDR
+	'func_*' pbx_spool res_clioriginate res_agi res_speech res_audiosocket
+	res_mutestream res_timing_pthread res_stun_monitor res_security_log
+	res_endpoint_stats res_convert res_limit res_manager_devicestate
+	res_sorcery_memory_cache
+)
+# Never matched by a pattern: Debian's source removes the bundled iLBC code
+# (Debian builds codec_ilbc against libilbc, which Debian 12 lacks); phone
+# provisioning is for desk phones, not bots.
+readonly PATTERN_EXCLUDES=(codec_ilbc res_pjsip_phoneprov_provider)
 readonly CONFIGURE_FLAGS=(
 	--prefix="$PREFIX"
 	--with-pjproject-bundled
@@ -71,6 +109,17 @@ tarball_url=${ASTERISK_TARBALL_URL:-$TARBALL_BASE/asterisk-$version.tar.gz}
 cache=${ASTERISK_MARKS_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/asterisk-marks}
 jobs=${ASTERISK_BUILD_JOBS:-$(nproc)}
 sanitize=${ASTERISK_SANITIZE:-}
+profile=${ASTERISK_PROFILE:-test}
+case "$profile" in
+test) MODULES=("${TEST_MODULES[@]}") ;;
+deployment) MODULES=("${DEPLOYMENT_MODULES[@]}") ;;
+*)
+	printf 'asterisk-build: error: ASTERISK_PROFILE=%s: expected "test" or "deployment"\n' \
+		"$profile" >&2
+	exit 1
+	;;
+esac
+readonly MODULES
 link_dir=${ASTERISK_INSTALL_LINK:-$top/build}
 patch_dir=${ASTERISK_PATCH_DIR:-$top/asterisk-patch}
 series=$patch_dir/series
@@ -139,7 +188,7 @@ build_key() {
 	local flavour=$1
 	{
 		source_id
-		echo "flavour=$flavour sanitize=$sanitize"
+		echo "flavour=$flavour sanitize=$sanitize profile=$profile"
 		echo "${CONFIGURE_FLAGS[*]}"
 		echo "${MODULES[*]}"
 		sha256sum "$top/scripts/asterisk-build.sh" | cut -d' ' -f1
@@ -361,31 +410,73 @@ configure_tree() {
 		tail -n 40 "$tree/configure.out" >&2
 		die "configure failed; the whole log is $tree/configure.out"
 	}
-	log "menuselect: selecting ${#MODULES[@]} modules"
-	(
-		cd "$tree"
-		make -s menuselect.makeopts >"$tree/menuselect.out" 2>&1
-		local cat
-		for cat in MENUSELECT_ADDONS MENUSELECT_APPS MENUSELECT_BRIDGES MENUSELECT_CDR \
-			MENUSELECT_CEL MENUSELECT_CHANNELS MENUSELECT_CODECS MENUSELECT_FORMATS \
-			MENUSELECT_FUNCS MENUSELECT_PBX MENUSELECT_RES MENUSELECT_TESTS \
-			MENUSELECT_UTILS MENUSELECT_AGIS MENUSELECT_CORE_SOUNDS MENUSELECT_MOH \
-			MENUSELECT_EXTRA_SOUNDS; do
-			menuselect/menuselect --disable-category "$cat" menuselect.makeopts
-		done
-		menuselect/menuselect --disable BUILD_NATIVE menuselect.makeopts
-		if [ "$sanitize" = address ]; then
-			menuselect/menuselect --enable DONT_OPTIMIZE menuselect.makeopts
-		fi
-		local m
-		for m in "${MODULES[@]}"; do
-			menuselect/menuselect --enable "$m" menuselect.makeopts
-		done
-		menuselect/menuselect --check-deps menuselect.makeopts
-	) >>"$tree/menuselect.out" 2>&1 || {
+	log "menuselect: profile $profile (${#MODULES[@]} names and patterns)"
+	(cd "$tree" && select_modules) >"$tree/menuselect.out" 2>&1 || {
 		tail -n 40 "$tree/menuselect.out" >&2
 		die "menuselect failed; see $tree/menuselect.out"
 	}
+	grep -E '^(left out|selected)' "$tree/menuselect.out" | while read -r line; do
+		log "menuselect: $line"
+	done
+}
+
+# In a configured tree: every category off, then the profile's modules on.
+# A pattern's module whose libraries are missing is left out (and named); a
+# module named without a pattern must build.
+select_modules() {
+	local opts=menuselect.makeopts ms=menuselect/menuselect
+	make -s "$opts"
+	local cat
+	for cat in MENUSELECT_ADDONS MENUSELECT_APPS MENUSELECT_BRIDGES MENUSELECT_CDR \
+		MENUSELECT_CEL MENUSELECT_CHANNELS MENUSELECT_CODECS MENUSELECT_FORMATS \
+		MENUSELECT_FUNCS MENUSELECT_PBX MENUSELECT_RES MENUSELECT_TESTS \
+		MENUSELECT_UTILS MENUSELECT_AGIS MENUSELECT_CORE_SOUNDS MENUSELECT_MOH \
+		MENUSELECT_EXTRA_SOUNDS; do
+		$ms --disable-category "$cat" "$opts"
+	done
+	$ms --disable BUILD_NATIVE "$opts"
+	if [ "$sanitize" = address ]; then
+		$ms --enable DONT_OPTIMIZE "$opts"
+	fi
+	# The source's modules (not add-ons, tests, utilities or sounds).
+	local known=() wanted=() name pattern
+	mapfile -t known < <(awk '
+		/<category name=/ { split($0, a, "\""); cat = a[2] }
+		/<member name=/ && cat ~ /^MENUSELECT_(APPS|BRIDGES|CDR|CEL|CHANNELS|CODECS|FORMATS|FUNCS|PBX|RES)$/ {
+			split($0, a, "\""); print a[2]
+		}' menuselect-tree)
+	[ ${#known[@]} -gt 0 ] || { echo "error: no modules in menuselect-tree"; return 1; }
+	for pattern in "${MODULES[@]}"; do
+		if [[ $pattern != *'*'* ]]; then
+			wanted+=("$pattern")
+			continue
+		fi
+		for name in "${known[@]}"; do
+			# shellcheck disable=SC2053 # a glob on purpose
+			[[ $name == $pattern ]] || continue
+			printf '%s\n' "${PATTERN_EXCLUDES[@]}" | grep -qxF "$name" || wanted+=("$name")
+		done
+	done
+	local args=()
+	for name in "${wanted[@]}"; do
+		args+=(--enable "$name")
+	done
+	$ms "${args[@]}" "$opts"
+	# Modules whose dependencies are missing: menuselect lists them all.
+	local failed=() left=()
+	mapfile -t failed < <(sed -n 's/^MENUSELECT_DEPSFAILED=[A-Z_]*=//p' "$opts")
+	for name in "${failed[@]}"; do
+		printf '%s\n' "${wanted[@]}" | grep -qxF "$name" || continue
+		if printf '%s\n' "${MODULES[@]}" | grep -qxF "$name"; then
+			echo "error: $name is in the $profile profile but its libraries are missing"
+			return 1
+		fi
+		left+=("$name")
+		$ms --disable "$name" "$opts"
+	done
+	[ ${#left[@]} -eq 0 ] || echo "left out (libraries missing): ${left[*]}"
+	echo "selected $((${#wanted[@]} - ${#left[@]})) modules"
+	$ms --check-deps "$opts"
 }
 
 # Reset the tree to pristine and apply the series (when patched).
@@ -426,6 +517,7 @@ build() {
 	key=$(build_key "$flavour")
 	name=asterisk
 	[ "$flavour" = upstream ] && name=asterisk-upstream
+	[ "$profile" = test ] || name=$name-$profile
 	[ -n "$sanitize" ] && name=$name-$sanitize
 	local inst=$cache/installs/$key
 	if [ -f "$inst/.complete" ]; then
@@ -438,7 +530,7 @@ build() {
 		tree=$(tree_dir)
 		prepare_tree "$tree"
 		select_flavour "$tree" "$flavour"
-		log "make: building $name (a first build takes about 7 minutes on 2 cores)"
+		log "make: building $name (a first build takes 2 to 3 minutes on 2 cores)"
 		run_make "$tree" build NOISY_BUILD=
 		rm -rf "$inst.tmp"
 		log "install: into the cache ($key)"

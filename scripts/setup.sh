@@ -8,6 +8,7 @@
 #   setup.sh apt-build     what scripts/asterisk-build.sh needs (docker/ build stage)
 #   setup.sh apt-runtime   what the installed Asterisk and harness.serve need
 #   setup.sh apt-tools     runtime + what the tests and the bot use (no compiler)
+#   setup.sh apt-docker-base  debootstrap, for scripts/docker-base.sh
 #   setup.sh venv          the virtualenv only ($VENV, default .venv)
 set -euo pipefail
 
@@ -20,7 +21,7 @@ readonly BUILD_PACKAGES=(
 	build-essential pkg-config dpkg-dev git bzip2 patch xz-utils ca-certificates curl
 	debian-archive-keyring
 	libedit-dev libjansson-dev libxml2-dev libsqlite3-dev uuid-dev libssl-dev
-	libncurses-dev
+	libncurses-dev libxslt1-dev
 )
 # Shared libraries of the installed Asterisk, and Python for harness.serve.
 readonly RUNTIME_PACKAGES=(
@@ -29,6 +30,8 @@ readonly RUNTIME_PACKAGES=(
 )
 # The harness: capture, the spoken prompt, the virtualenv.
 readonly TOOL_PACKAGES=(libpcap0.8 tcpdump espeak-ng sox python3-venv)
+# Base images built from Debian's archive where no registry answers.
+readonly DOCKER_BASE_PACKAGES=(debootstrap)
 
 say() { printf '[setup] %s\n' "$*" >&2; }
 die() { printf 'setup: error: %s\n' "$*" >&2; exit 1; }
@@ -57,12 +60,14 @@ install_apt() {
 		sudo=(sudo)
 	fi
 	say "apt packages: installing ${missing[*]}"
-	if ! "${sudo[@]}" apt-get -q update >/tmp/setup-apt-update.log 2>&1; then
+	if ! "${sudo[@]}" apt-get -q -o DPkg::Lock::Timeout=300 update >/tmp/setup-apt-update.log 2>&1; then
 		cat /tmp/setup-apt-update.log >&2
 		die "apt-get update failed: no route to Debian's archive? Check the network" \
 			"(or proxy) and run 'make setup' again"
 	fi
-	DEBIAN_FRONTEND=noninteractive "${sudo[@]}" apt-get -q install -y --no-install-recommends \
+	# Wait for another apt (an unattended upgrade, a second setup) rather than fail.
+	DEBIAN_FRONTEND=noninteractive "${sudo[@]}" apt-get -q -o DPkg::Lock::Timeout=300 \
+		install -y --no-install-recommends \
 		"${missing[@]}" >/tmp/setup-apt-install.log 2>&1 || {
 		tail -n 30 /tmp/setup-apt-install.log >&2
 		die "apt-get install failed; see /tmp/setup-apt-install.log"
@@ -96,10 +101,11 @@ apt) install_apt "${BUILD_PACKAGES[@]}" "${RUNTIME_PACKAGES[@]}" "${TOOL_PACKAGE
 apt-build) install_apt "${BUILD_PACKAGES[@]}" ;;
 apt-runtime) install_apt "${RUNTIME_PACKAGES[@]}" ;;
 apt-tools) install_apt "${RUNTIME_PACKAGES[@]}" "${TOOL_PACKAGES[@]}" ;;
+apt-docker-base) install_apt "${DOCKER_BASE_PACKAGES[@]}" ;;
 venv) install_venv ;;
 all)
 	install_apt "${BUILD_PACKAGES[@]}" "${RUNTIME_PACKAGES[@]}" "${TOOL_PACKAGES[@]}"
 	install_venv
 	;;
-*) die "usage: setup.sh [all|apt|apt-build|apt-runtime|apt-tools|venv]" ;;
+*) die "usage: setup.sh [all|apt|apt-build|apt-runtime|apt-tools|apt-docker-base|venv]" ;;
 esac
