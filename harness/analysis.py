@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 from harness.audio import FRAME_BYTES, ULAW_SILENCE
 from harness.capture import RtpPacket
+from harness.events import Event
 
 #: How many frames ahead to look for a match when a frame is missing.
 LOOKAHEAD = 50
@@ -123,6 +124,19 @@ def mark_timings(
         rtp_t = frame_times[frame] if 0 <= frame < len(frame_times) else None
         result.append(MarkTiming(mark_id, frame, acks.get(mark_id), rtp_t))
     return result
+
+
+def acked_mark_timings(
+    sent: bytes,
+    marks: Sequence[tuple[str, int]],
+    events: Sequence[Event],
+    packets: Sequence[RtpPacket],
+) -> list[MarkTiming]:
+    """Each mark's acknowledgment (its event in *events*) against the RTP
+    departure of the last frame of *sent* before it."""
+    times = departures(packets, split_frames(sent))
+    acks = {e.mark_id: e.t for e in events if e.mark_id is not None}
+    return mark_timings(marks, acks, times)
 
 
 class StreamMap:

@@ -90,7 +90,7 @@ class BotSession:
         )
         if event.name == "MEDIA_START":
             self.format = event.format
-        log.debug("bot: <- %s", text)
+        log.debug("bot %s: <- %s", self.tag, text)
         async with self._changed:
             self.events.append(event)
             self._changed.notify_all()
@@ -187,7 +187,7 @@ class BotSession:
 
     async def send_text(self, text: str) -> None:
         """Send one raw TEXT message (for commands the helpers do not cover)."""
-        log.debug("bot: -> %s", text)
+        log.debug("bot %s: -> %s", self.tag, text)
         await self.connection.send(text)
 
     async def command(self, command: str, argument: str | int | None = None, **extra: Any) -> None:

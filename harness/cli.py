@@ -53,12 +53,15 @@ class Progress:
 def setup_logging(command: str) -> Path:
     logdir = REPO_ROOT / "logs" / f"{command}-{time.strftime('%Y%m%d-%H%M%S')}"
     logdir.mkdir(parents=True, exist_ok=True)
-    level = logging.DEBUG if os.environ.get("HARNESS_DEBUG") else logging.INFO
     handler = logging.FileHandler(logdir / "harness.log")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger()
-    root.setLevel(level)
+    root.setLevel(logging.INFO)
     root.addHandler(handler)
+    if os.environ.get("HARNESS_DEBUG"):
+        # The harness's own detail (every command and event), not the
+        # libraries' (websockets logs every frame at debug level).
+        logging.getLogger("harness").setLevel(logging.DEBUG)
     return logdir
 
 

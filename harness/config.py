@@ -19,6 +19,8 @@ OPTIONS_HEADER = "X-WS-Options"
 BOT_CONNECTION = "bot"
 #: The PJSIP endpoint (and From user) of the caller.
 CALLER_ENDPOINT = "caller"
+#: The extension that hands a call to the ARI application (when ARI is on).
+ARI_EXTENSION = "ari"
 
 #: Modules loaded in every instance (``autoload=no``): a small, fast core.
 MODULES: tuple[str, ...] = (
@@ -49,6 +51,42 @@ MODULES: tuple[str, ...] = (
 )
 
 
+#: With every module loaded (a deployment): the files those modules need to
+#: load and stay quiet, each the smallest that does (Asterisk's samples
+#: describe every option).
+DEPLOYMENT_FILES: dict[str, str] = {
+    "acl.conf": "",
+    "ccss.conf": "[general]\n",
+    "cdr.conf": "[general]\nenable = no\n",
+    "cel.conf": "[general]\nenable = no\n",
+    "confbridge.conf": "[general]\n",
+    "features.conf": "[general]\n",
+    "geolocation.conf": "",
+    "pjproject.conf": "",
+    "pjsip_notify.conf": "",
+    "pjsip_wizard.conf": "",
+    "res_stun_monitor.conf": "[general]\n",
+    "statsd.conf": "[general]\nenabled = no\n",
+    "udptl.conf": "[general]\n",
+    # Call progress tones (ringback, busy) of the United States.
+    "indications.conf": """\
+[general]
+country = us
+
+[us]
+description = United States / North America
+ringcadence = 2000,4000
+dial = 350+440
+busy = 480+620/500,0/500
+ring = 440+480/2000,0/4000
+congestion = 480+620/250,0/250
+callwaiting = 440/300,0/10000
+record = 1400/500,0/15000
+info = !950/330,!1400/330,!1800/330,0
+""",
+}
+
+
 @dataclass(frozen=True)
 class AsteriskSettings:
     """Everything that differs between two sandboxed instances."""
@@ -77,6 +115,14 @@ class AsteriskSettings:
     sip_password: str | None = None
     #: Verbose messages on the console too (a container's log).
     console_verbose: bool = False
+    #: Load every module the install has (a deployment) instead of :data:`MODULES`.
+    autoload: bool = False
+    #: Where Asterisk's HTTP server (ARI, inbound WebSockets) listens.
+    http_bind: str = LOOPBACK
+    #: ARI users as (name, password); ARI is off without any.
+    ari_users: tuple[tuple[str, str], ...] = field(default_factory=tuple)
+    #: The Stasis application extension :data:`ARI_EXTENSION` hands calls to.
+    ari_app: str = "voicebot"
 
     @property
     def bots(self) -> tuple[tuple[str, str], ...]:
@@ -138,21 +184,22 @@ dateformat = %F %T.%3q
 messages.log => notice,warning,error,verbose,debug
 console => {console}
 """
-    modules = "\n".join(
-        [f"load => {m}" for m in (*MODULES, *s.extra_modules)]
-        + [f"require => {m}" for m in s.required]
-    )
+    loads = () if s.autoload else (*MODULES, *s.extra_modules)
+    modules = "\n".join([f"load => {m}" for m in loads] + [f"require => {m}" for m in s.required])
     files["modules.conf"] = f"""\
 [modules]
-autoload = no
+autoload = {"yes" if s.autoload else "no"}
 {modules}
 """
     files["http.conf"] = f"""\
 [general]
 enabled = yes
-bindaddr = 127.0.0.1
+bindaddr = {s.http_bind}
 bindport = {s.http_port}
 """
+    files["ari.conf"] = _ari(s)
+    if s.autoload:
+        files.update(DEPLOYMENT_FILES)
     files["rtp.conf"] = f"""\
 [general]
 rtpstart = {s.rtp_start}
@@ -194,8 +241,38 @@ writeprotect = yes
 
 exten => echo,1,Answer()
  same => n,Echo()
-"""
+{_ari_extension(s)}"""
     return files
+
+
+def _ari(s: AsteriskSettings) -> str:
+    users = "".join(
+        f"""
+[{name}]
+type = user
+read_only = no
+password = {password}
+"""
+        for name, password in s.ari_users
+    )
+    return f"""\
+[general]
+enabled = {"yes" if s.ari_users else "no"}
+pretty = no
+{users}"""
+
+
+def _ari_extension(s: AsteriskSettings) -> str:
+    """The extension that hands calls to the ARI app, with the caller's options as its args."""
+    if not s.ari_users:
+        return ""
+    return f"""
+; Calls to {ARI_EXTENSION} go to the ARI application {s.ari_app}; its StasisStart
+; carries the caller's {OPTIONS_HEADER} (chan_websocket dial options).
+exten => {ARI_EXTENSION},1,NoOp(Call to the ARI application {s.ari_app})
+ same => n,Stasis({s.ari_app},${{PJSIP_HEADER(read,{OPTIONS_HEADER})}})
+ same => n,Hangup()
+"""
 
 
 def _pjsip(s: AsteriskSettings) -> str:
@@ -240,7 +317,7 @@ password = {s.sip_password}
 
 def write(settings: AsteriskSettings) -> None:
     """Create the sandbox's directories and write its configuration."""
-    for sub in ("etc", "lib", "agi", "spool", "run", "log"):
+    for sub in ("etc", "lib", "lib/keys", "agi", "spool", "run", "log"):
         (settings.sandbox / sub).mkdir(parents=True, exist_ok=True)
     for name, content in render(settings).items():
         (settings.etc / name).write_text(content)

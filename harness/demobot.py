@@ -75,7 +75,7 @@ class DemoBot(Service):
     async def _converse(self, call: int, session: BotSession) -> None:
         assert self._prompt is not None, "bot not started"
         start = await session.wait_for("MEDIA_START")
-        log.info("call %d: connected: %s", call, start.raw)
+        log.info("call %d: connected (%s): %s", call, session.path, start.raw)
         pacer = Pacer(session)
         playing = asyncio.create_task(pacer.play(tts.speak(self._prompt.ulaw)))
         talking = asyncio.create_task(_caller_talks(session))

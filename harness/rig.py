@@ -187,12 +187,18 @@ class Rig(Service):
         capture: bool = True,
         pcap: Path | None = None,
         record: Path | None = None,
+        extension: str | None = None,
     ) -> AsyncIterator[LiveCall]:
-        """Place a call into the bot and yield it once media flows."""
+        """Place a call into the bot and yield it once media flows.
+
+        *extension* is the one the call goes to (default: the one that dials
+        this rig's bot); whatever answers it must connect the bot with the
+        call's chan_websocket options, as ``ari`` with an ARI app does.
+        """
         assert self.sip_port, "rig not started"
         tag = uuid.uuid4().hex[:12]
         dial_options = f"c({codec}){control_format.dial_option}v(call={tag}){options}"
-        uri = f"sip:{self.extension}@{self.sip_host}:{self.sip_port}"
+        uri = f"sip:{extension or self.extension}@{self.sip_host}:{self.sip_port}"
         log.info("rig: call %s -> %s with WebSocket options %s", tag, uri, dial_options)
         async with self._setup:
             sip = await self.phone.call(

@@ -3,9 +3,10 @@
 The entry point of the Docker image's ``asterisk`` service (and usable on a
 host): ``python3 -m harness.serve`` renders the same configuration as the
 tests' sandboxes (:mod:`harness.config`), with the values below taken from the
-environment, then replaces itself with ``asterisk -f``. ``--check`` renders
-and prints the settings without starting Asterisk. Only the standard library
-is needed, so the runtime image has no virtualenv.
+environment, then replaces itself with ``asterisk -f``. Every module the
+install has is loaded, as in a deployment. ``--check`` renders and prints the
+settings without starting Asterisk. Only the standard library is needed, so
+the runtime image has no virtualenv.
 
 =====================  ==========================  ====================================
 variable               default                     meaning
@@ -21,6 +22,11 @@ CONTROL_FORMAT         plain-text                  or ``json``
 EXTERNAL_ADDRESS       (unset)                     address phones outside LOCAL_NET use
 LOCAL_NET              private ranges              networks reached without rewriting
 SIP_PASSWORD           (unset)                     if set, user ``caller`` must use it
+ARI_USER, ARI_PASSWORD (unset)                     an ARI user; ARI is off without one
+ARI_APP                voicebot                    extension ``ari`` runs Stasis(ARI_APP)
+HTTP_BIND              0.0.0.0 with ARI, else      Asterisk's HTTP server (ARI, inbound
+                       127.0.0.1                   WebSocket connections)
+HTTP_PORT              8088                        its port
 ASTERISK_DEBUG         0                           Asterisk's debug level
 =====================  ==========================  ====================================
 """
@@ -31,12 +37,14 @@ import argparse
 import ipaddress
 import logging
 import os
+import re
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from urllib.parse import urlsplit
 
 from harness import config
+from harness.ports import LOOPBACK
 
 log = logging.getLogger("harness.serve")
 
@@ -51,11 +59,13 @@ DEFAULTS = {
     "CONTROL_FORMAT": "plain-text",
     "LOCAL_NET": "10.0.0.0/8,172.16.0.0/12,192.168.0.0/16",
     "ASTERISK_DEBUG": "0",
+    "ARI_APP": "voicebot",
+    "HTTP_PORT": "8088",
 }
 #: The extension (and connection) of ``HARNESS_BOT_URI``: the test runner's bot.
 HARNESS_BOT = "harness"
-#: Asterisk's HTTP server is only reachable from inside.
-HTTP_PORT = 8088
+#: Names Asterisk takes as an ARI user or a Stasis application.
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 
 
 class ConfigError(ValueError):
@@ -119,6 +129,24 @@ def settings_from_env(environ: Mapping[str, str]) -> config.AsteriskSettings:
     password = env.get("SIP_PASSWORD")
     if password is not None and any(c in password for c in ";\n\r"):
         problems.append("SIP_PASSWORD may not contain ';' or a line break")
+    ari_users: tuple[tuple[str, str], ...] = ()
+    user, ari_password = env.get("ARI_USER"), env.get("ARI_PASSWORD")
+    if user is not None or ari_password is not None:
+        if user is None or ari_password is None:
+            problems.append("ARI_USER and ARI_PASSWORD go together: set both, or neither")
+        elif not _NAME.fullmatch(user):
+            problems.append(f"ARI_USER={user!r}: letters, digits, '_', '.', '-' (64 at most)")
+        elif any(c in ari_password for c in ";\n\r") or ari_password != ari_password.strip():
+            problems.append("ARI_PASSWORD may not contain ';', a line break or outer spaces")
+        else:
+            ari_users = ((user, ari_password),)
+    app = env["ARI_APP"]
+    if not _NAME.fullmatch(app):
+        problems.append(f"ARI_APP={app!r}: letters, digits, '_', '.', '-' (64 at most)")
+    http_bind = _address(env, "HTTP_BIND", problems) if "HTTP_BIND" in env else None
+    http_port = _port(env, "HTTP_PORT", problems)
+    if http_port and http_port == sip_port:
+        problems.append(f"HTTP_PORT={http_port} is SIP_PORT too")
     install = Path(env["ASTERISK_PREFIX"])
     if not (install / "sbin" / "asterisk").exists():
         problems.append(f"ASTERISK_PREFIX={install}: no sbin/asterisk there")
@@ -128,7 +156,7 @@ def settings_from_env(environ: Mapping[str, str]) -> config.AsteriskSettings:
         install=install,
         sandbox=Path(env["ASTERISK_SANDBOX"]),
         sip_port=sip_port,
-        http_port=HTTP_PORT,
+        http_port=http_port,
         rtp_start=rtp_start,
         rtp_end=rtp_end,
         bot_uri=bot_uri,
@@ -140,6 +168,11 @@ def settings_from_env(environ: Mapping[str, str]) -> config.AsteriskSettings:
         local_nets=tuple(nets) if external else (),
         sip_password=password,
         console_verbose=True,
+        autoload=True,
+        # ARI is for other hosts (containers); without it HTTP stays inside.
+        http_bind=http_bind or ("0.0.0.0" if ari_users else LOOPBACK),
+        ari_users=ari_users,
+        ari_app=app,
     )
 
 
@@ -151,6 +184,12 @@ def describe(s: config.AsteriskSettings) -> str:
         f"caller: user '{config.CALLER_ENDPOINT}', "
         + ("password required" if s.sip_password is not None else "no password"),
         f"control format: {s.control_format}; configuration in {s.etc}",
+        (
+            f"ARI on http://{s.http_bind}:{s.http_port}/ari for user "
+            f"'{s.ari_users[0][0]}'; extension {config.ARI_EXTENSION} -> Stasis({s.ari_app})"
+            if s.ari_users
+            else f"ARI off (no ARI_USER); HTTP on {s.http_bind}:{s.http_port}"
+        ),
     ]
     if s.external_address:
         lines.append(f"phones outside {', '.join(s.local_nets)} use {s.external_address}")

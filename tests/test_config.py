@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import configparser
+import dataclasses
 from pathlib import Path
 
 from harness import config
@@ -41,6 +42,7 @@ def test_every_file_is_rendered(tmp_path: Path) -> None:
         "websocket_client.conf",
         "chan_websocket.conf",
         "extensions.conf",
+        "ari.conf",
     }
 
 
@@ -99,3 +101,33 @@ def test_write_creates_sandbox(tmp_path: Path) -> None:
     assert (s.etc / "asterisk.conf").is_file()
     for sub in ("run", "log", "lib", "spool"):
         assert (s.sandbox / sub).is_dir()
+
+
+def test_ari_is_off_without_users(tmp_path: Path) -> None:
+    files = config.render(settings(tmp_path))
+    assert parse(files["ari.conf"])["general"]["enabled"] == "no"
+    assert "Stasis" not in files["extensions.conf"]
+    assert parse(files["http.conf"])["general"]["bindaddr"] == "127.0.0.1"
+
+
+def test_ari_users_and_the_stasis_extension(tmp_path: Path) -> None:
+    s = dataclasses.replace(
+        settings(tmp_path), ari_users=(("u1", "p1"), ("u2", "p2")), ari_app="bots"
+    )
+    ari = parse(config.render(s)["ari.conf"])
+    assert ari["general"]["enabled"] == "yes"
+    assert (ari["u1"]["type"], ari["u1"]["password"]) == ("user", "p1")
+    assert ari["u2"]["password"] == "p2"
+    dialplan = config.render(s)["extensions.conf"]
+    assert f"exten => {config.ARI_EXTENSION},1," in dialplan
+    assert "Stasis(bots," in dialplan
+
+
+def test_autoload_loads_everything_and_quiets_it(tmp_path: Path) -> None:
+    s = dataclasses.replace(settings(tmp_path), autoload=True)
+    files = config.render(s)
+    assert parse(files["modules.conf"])["modules"]["autoload"] == "yes"
+    assert "load =>" not in files["modules.conf"]
+    for name, content in config.DEPLOYMENT_FILES.items():
+        assert files[name] == content
+    assert parse(files["indications.conf"])["general"]["country"] == "us"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -30,6 +31,12 @@ def test_defaults_suit_the_compose_network(prefix: Path) -> None:
     assert "auth =" not in files["pjsip.conf"]
     assert "console => notice,warning,error,verbose" in files["logger.conf"]
     assert "bindaddr = 127.0.0.1" in files["http.conf"], "HTTP stays inside the container"
+    assert "enabled = no" in files["ari.conf"], "no ARI without a user"
+    assert "Stasis(" not in files["extensions.conf"]
+    # A deployment: every module the install has, and the files they need.
+    assert "autoload = yes" in files["modules.conf"]
+    assert "load =>" not in files["modules.conf"]
+    assert set(config.DEPLOYMENT_FILES) <= set(files)
 
 
 def test_harness_bot_gets_its_own_connection_and_extension(prefix: Path) -> None:
@@ -56,6 +63,46 @@ def test_password_makes_the_caller_authenticate(prefix: Path) -> None:
     assert "auth = caller-auth" in pjsip
     assert "[caller-auth]\ntype = auth" in pjsip
     assert "password = s3cret" in pjsip
+
+
+def test_ari_user_turns_ari_on_for_other_hosts(prefix: Path) -> None:
+    s = serve.settings_from_env(env(prefix, ARI_USER="app", ARI_PASSWORD="pw", ARI_APP="bots"))
+    files = config.render(s)
+    assert "enabled = yes" in files["ari.conf"]
+    assert "[app]\ntype = user\nread_only = no\npassword = pw" in files["ari.conf"]
+    assert "bindaddr = 0.0.0.0" in files["http.conf"]
+    assert "bindport = 8088" in files["http.conf"]
+    dialplan = files["extensions.conf"]
+    assert "exten => ari,1,NoOp(" in dialplan
+    assert "Stasis(bots,${PJSIP_HEADER(read,X-WS-Options)})" in dialplan
+    assert "ARI on http://0.0.0.0:8088/ari for user 'app'" in serve.describe(s)
+
+
+def test_http_bind_and_port_can_be_set(prefix: Path) -> None:
+    s = serve.settings_from_env(env(prefix, HTTP_BIND="127.0.0.1", HTTP_PORT="8090"))
+    assert (s.http_bind, s.http_port) == ("127.0.0.1", 8090)
+    s = serve.settings_from_env(env(prefix, ARI_USER="a", ARI_PASSWORD="b", HTTP_BIND="127.0.0.1"))
+    assert s.http_bind == "127.0.0.1", "HTTP_BIND wins over the ARI default"
+
+
+@pytest.mark.parametrize(
+    ("extra", "problem"),
+    [
+        ({"ARI_USER": "app"}, "ARI_USER and ARI_PASSWORD go together"),
+        ({"ARI_PASSWORD": "pw"}, "ARI_USER and ARI_PASSWORD go together"),
+        ({"ARI_USER": "a b", "ARI_PASSWORD": "pw"}, "ARI_USER='a b'"),
+        ({"ARI_USER": "a", "ARI_PASSWORD": "p;w"}, "ARI_PASSWORD may not contain"),
+        ({"ARI_APP": "my app"}, "ARI_APP='my app'"),
+        ({"HTTP_PORT": "80800"}, "HTTP_PORT='80800'"),
+        ({"HTTP_PORT": "5060"}, "HTTP_PORT=5060 is SIP_PORT too"),
+        ({"HTTP_BIND": "everywhere"}, "HTTP_BIND='everywhere'"),
+    ],
+)
+def test_bad_ari_and_http_settings_are_named(
+    prefix: Path, extra: dict[str, str], problem: str
+) -> None:
+    with pytest.raises(serve.ConfigError, match=re.escape(problem)):
+        serve.settings_from_env(env(prefix, **extra))
 
 
 def test_empty_values_mean_the_default(prefix: Path) -> None:

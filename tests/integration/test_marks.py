@@ -11,24 +11,11 @@ import asyncio
 import time
 
 from harness import analysis, audio
-from harness.capture import RtpPacket
-from harness.events import ControlFormat, Event
+from harness.events import ControlFormat
 from harness.rig import Rig
 from tests.conftest import report
 
 FRAME = audio.FRAME_BYTES
-
-
-def mark_errors(
-    sent: bytes,
-    marks: list[tuple[str, int]],
-    events: list[Event],
-    packets: list[RtpPacket],
-) -> list[analysis.MarkTiming]:
-    frames = analysis.split_frames(sent)
-    times = analysis.departures(packets, frames)
-    acks = {e.mark_id: e.t for e in events if e.mark_id is not None}
-    return analysis.mark_timings(marks, acks, times)
 
 
 async def test_mark_played_carries_id_sequence_and_position(rig: Rig, fmt: ControlFormat) -> None:
@@ -74,7 +61,9 @@ async def test_mark_played_is_sent_in_the_tick_that_dequeues_the_frame(
             marks.append((f"c{k}", len(sent)))
             await s.command("MARK", f"c{k}")
         await s.wait_mark("c7", timeout=5)
-    timings = mark_errors(sent, marks, call.session.named("MARK_PLAYED"), call.packets)
+    timings = analysis.acked_mark_timings(
+        sent, marks, call.session.named("MARK_PLAYED"), call.packets
+    )
     errors = [t.error_ms for t in timings]
     assert None not in errors, f"every mark acknowledged and its frame seen: {timings}"
     summary = analysis.Summary.of([e for e in errors if e is not None])
@@ -98,7 +87,7 @@ async def test_marks_after_every_frame(rig: Rig, fmt: ControlFormat) -> None:
     played = call.session.named("MARK_PLAYED")
     assert [e.mark_id for e in played] == [m for m, _ in marks], "in order, once each"
     assert [e.get_int("played_ms") for e in played] == [20 * (i + 1) for i in range(n)]
-    timings = mark_errors(sent, marks, played, call.packets)
+    timings = analysis.acked_mark_timings(sent, marks, played, call.packets)
     errors = [t.error_ms for t in timings if t.error_ms is not None]
     assert len(errors) == n
     summary = analysis.Summary.of(errors)
