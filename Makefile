@@ -9,7 +9,7 @@ PYTEST_ARGS ?=
 
 .PHONY: all setup asterisk asterisk-upstream check-patches devcheck demo test \
 	unit lint test-asan bench clean distclean help docker-check docker-engine \
-	docker-build docker-test docker-up
+	docker-base docker-build docker-test docker-up
 
 all: help
 
@@ -26,6 +26,8 @@ help:
 	@echo "make test-asan        the real-call tests against an AddressSanitizer build"
 	@echo "make bench            benchmark patched against upstream (a few minutes)"
 	@echo "make docker-check     lint docker/Dockerfile and validate the compose files (no engine)"
+	@echo "make docker-base      Debian base images: pulled, or built with debootstrap offline"
+	@echo "make docker-build     build the images (asterisk, harness)"
 	@echo "make docker-test      build the images and run the integration tests in compose"
 	@echo "make docker-up        Asterisk + the demo bot in compose, for a SIP phone"
 
@@ -82,6 +84,11 @@ test-asan: setup
 # status. (Recursive '=': looked up when used, after setup.)
 COMPOSE_BIN = $(shell $(PY) -c 'import compose, pathlib; print(pathlib.Path(compose.__file__).parent / "docker-compose")')
 COMPOSE = $(COMPOSE_BIN) -f docker/docker-compose.yml
+# The CA bundle the image builds' downloads trust: this machine's (Debian's
+# place, then Fedora's and macOS's; none: /dev/null, trust only the image's).
+DOCKER_BUILD_CA_BUNDLE ?= $(firstword $(wildcard /etc/ssl/certs/ca-certificates.crt \
+	/etc/pki/tls/certs/ca-bundle.crt /etc/ssl/cert.pem) /dev/null)
+export DOCKER_BUILD_CA_BUNDLE
 COMPOSE_TEST = $(COMPOSE) -f docker/docker-compose.test.yml -p asterisk-marks-test
 
 docker-check: setup
@@ -93,19 +100,32 @@ docker-engine:
 	@docker info >/dev/null 2>&1 || { echo "no Docker engine answers 'docker info':" \
 		"start one (or set DOCKER_HOST) to build and run the images" >&2; exit 1; }
 
-docker-build: setup docker-engine
+# The Debian images the Dockerfile starts from: present, pulled, or (where no
+# registry answers) debootstrapped from the mirror this machine's apt uses.
+docker-base: docker-engine
+	@scripts/docker-base.sh
+
+docker-build: setup docker-base
 	@$(COMPOSE) --profile test build
 
+# The integration tests and the compose-only tests (ARI, faults through the
+# engine) inside compose, then, on this host, what the README tells a person
+# to do (compose up, a call from a SIP phone here). Logs in logs/.
 docker-test: docker-check docker-build
 	@mkdir -p logs; rc=0; \
+	$(COMPOSE_TEST) --profile test down --volumes --remove-orphans >/dev/null 2>&1; \
+	echo "docker-test: the tests inside compose (tests/integration, tests/compose)"; \
 	$(COMPOSE_TEST) run --rm --use-aliases tests python -m pytest -p no:cacheprovider \
-		tests/integration $(PYTEST_ARGS) || rc=$$?; \
-	$(COMPOSE_TEST) --profile test logs --no-color asterisk bot > logs/docker-test-services.log 2>&1; \
+		tests/integration tests/compose $(PYTEST_ARGS) || rc=$$?; \
+	$(COMPOSE_TEST) --profile test logs --no-color --timestamps asterisk bot \
+		> logs/docker-test-services.log 2>&1; \
 	$(COMPOSE_TEST) --profile test down --volumes --remove-orphans >/dev/null 2>&1; \
 	echo "docker-test: the services' logs are in logs/docker-test-services.log"; \
+	echo "docker-test: compose up and a call from this host (tests/docker)"; \
+	$(PY) -m pytest -p no:cacheprovider tests/docker $(PYTEST_ARGS) || rc=$$?; \
 	exit $$rc
 
-docker-up: setup docker-engine
+docker-up: setup docker-base
 	$(COMPOSE) up --build
 
 clean:

@@ -19,8 +19,8 @@ import json
 import logging
 import os
 import re
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+from collections.abc import Coroutine, Mapping
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlencode, urlsplit
 
@@ -207,57 +207,78 @@ class BridgedCall:
     technology: str
 
 
-@dataclass
 class ExternalMediaApp(Service):
     """Bridge every call that enters the app with an externalMedia WebSocket channel.
 
     *connection* is the websocket_client.conf connection Asterisk dials (the
     bot); *bridge_type* is ARI's (``mixing``; ``mixing,video_sfu`` forces a
-    softmix bridge).
+    softmix bridge). Each call is handled in a task of its own; when the
+    caller leaves, its media channel is hung up and its bridge destroyed, and
+    :meth:`stop` does the same for calls still up.
     """
 
-    ari: Ari
-    connection: str
-    bridge_type: str = "mixing"
-    calls: dict[str, BridgedCall] = field(default_factory=dict)
-    errors: list[str] = field(default_factory=list)
-    _task: asyncio.Task[None] | None = None
-    _cleanups: set[asyncio.Task[None]] = field(default_factory=set)
+    def __init__(self, ari: Ari, connection: str, bridge_type: str = "mixing") -> None:
+        self.ari = ari
+        self.connection = connection
+        self.bridge_type = bridge_type
+        self.calls: dict[str, BridgedCall] = {}
+        self.errors: list[str] = []
+        self._serving: asyncio.Task[None] | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        #: What each call created, in order, to delete when it ends.
+        self._created: dict[str, list[str]] = {}
 
     async def start(self) -> None:
-        self._task = asyncio.create_task(self._serve(len(self.ari.events)))
+        self._serving = asyncio.create_task(self._serve(len(self.ari.events)))
 
     async def stop(self) -> None:
-        for task in (self._task, *self._cleanups):
-            if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+        tasks = [t for t in (self._serving, *self._tasks) if t is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for channel_id in list(self._created):
+            await self._clean_up(channel_id)
+
+    def _spawn(self, coroutine: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def _serve(self, start: int) -> None:
-        while True:
+        while not self.ari.closed.is_set():
             try:
                 index, event = await self.ari.wait_event("StasisStart", start=start, timeout=3600)
             except AriError:
-                return  # the event stream ended
+                continue  # no call for an hour, or the event stream ended
             start = index + 1
             channel = event["channel"]
-            if channel["name"].startswith("WebSocket/"):
-                continue  # our own media channel entering the app
-            try:
-                await self._bridge(channel["id"], ",".join(event.get("args", [])))
-            except AriError as exc:
-                log.error("ari: cannot bridge %s: %s", channel["name"], exc)
+            if not channel["name"].startswith("WebSocket/"):  # not our own media channel
+                self._spawn(self._handle(channel["id"], ",".join(event.get("args", []))))
+
+    async def _handle(self, channel_id: str, options: str) -> None:
+        """One call: bridge it, then clean up after it once the caller leaves."""
+        try:
+            await self._bridge(channel_id, options)
+            await self.ari.wait_event("StasisEnd", channel_id=channel_id, timeout=86400)
+        except asyncio.CancelledError:
+            raise
+        except AriError as exc:
+            if channel_id not in self.calls:
+                log.error("ari: cannot bridge %s: %s", channel_id, exc)
                 self.errors.append(str(exc))
-                with contextlib.suppress(AriError):
-                    await self.ari.delete(f"/channels/{channel['id']}")
+        except Exception as exc:
+            log.exception("ari: call %s failed", channel_id)
+            self.errors.append(f"{channel_id}: {exc!r}")
+        await self._clean_up(channel_id)
 
     async def _bridge(self, channel_id: str, options: str) -> BridgedCall:
         ari = self.ari
+        created = self._created.setdefault(channel_id, [f"/channels/{channel_id}"])
         codec = m.group(1) if (m := _CODEC.search(options)) else "ulaw"
         await ari.post(f"/channels/{channel_id}/answer")
         bridge = await ari.post("/bridges", type=self.bridge_type)
         assert bridge is not None
+        created.insert(0, f"/bridges/{bridge['id']}")
         await ari.post(f"/bridges/{bridge['id']}/addChannel", channel=channel_id)
         mark = len(ari.events)
         media = await ari.post(
@@ -270,6 +291,7 @@ class ExternalMediaApp(Service):
             transport_data=options,
         )
         assert media is not None
+        created.insert(0, f"/channels/{media['id']}")
         # It enters the app once chan_websocket has connected to the bot.
         await ari.wait_event("StasisStart", start=mark, channel_id=media["id"])
         await ari.post(f"/bridges/{bridge['id']}/addChannel", channel=media["id"])
@@ -285,16 +307,10 @@ class ExternalMediaApp(Service):
             bridge["id"],
             options,
         )
-        task = asyncio.create_task(self._clean_up(call))
-        self._cleanups.add(task)
-        task.add_done_callback(self._cleanups.discard)
         return call
 
-    async def _clean_up(self, call: BridgedCall) -> None:
-        """When the caller leaves, hang up its media channel and destroy the bridge."""
-        with contextlib.suppress(AriError):
-            await self.ari.wait_event("StasisEnd", channel_id=call.channel_id, timeout=3600)
-        with contextlib.suppress(AriError):
-            await self.ari.delete(f"/channels/{call.media_channel_id}")
-        with contextlib.suppress(AriError):
-            await self.ari.delete(f"/bridges/{call.bridge_id}")
+    async def _clean_up(self, channel_id: str) -> None:
+        """Delete what the call created (media channel, bridge) and the caller's channel."""
+        for path in self._created.pop(channel_id, []):
+            with contextlib.suppress(AriError):
+                await self.ari.delete(path)

@@ -24,6 +24,10 @@
 #   ASTERISK_INSTALL_LINK  where to link the install (default build/ in the checkout)
 #   ASTERISK_DESTDIR       install here too (a plain copy; used by docker/)
 #   ASTERISK_PATCH_DIR     the patch series directory (default asterisk-patch/)
+#   ASTERISK_DEBIAN_MIRROR the Debian mirror with unstable's sources
+#                          (default http://deb.debian.org/debian)
+#   ASTERISK_MARKS_CA_BUNDLE  a CA bundle the downloads trust (apt, curl): for
+#                          a network whose TLS a proxy intercepts
 #
 # The source (default: Debian's pinned source package, below):
 #   ASTERISK_SOURCE        "debian" (default) or "tarball" (an upstream release)
@@ -37,7 +41,7 @@ set -euo pipefail
 readonly DEB_PACKAGE=asterisk
 readonly DEB_VERSION='1:22.10.1+dfsg+~cs6.17.60671434-1'
 readonly DEB_SUITE=unstable
-readonly DEB_MIRROR=http://deb.debian.org/debian
+readonly DEB_MIRROR=${ASTERISK_DEBIAN_MIRROR:-http://deb.debian.org/debian}
 readonly DSC_SHA256=8799652c4e2fc4bb4d6610b0f7144a9945bcff847d0185fb10fca20de0533eb2
 # Nominal install prefix compiled into the binary. The harness always passes
 # its own asterisk.conf, so where the tree is really installed does not matter.
@@ -191,6 +195,7 @@ build_key() {
 		echo "flavour=$flavour sanitize=$sanitize profile=$profile"
 		echo "${CONFIGURE_FLAGS[*]}"
 		echo "${MODULES[*]}"
+		build_packages_id
 		sha256sum "$top/scripts/asterisk-build.sh" | cut -d' ' -f1
 		if [ "$flavour" = patched ]; then
 			local p
@@ -218,6 +223,9 @@ apt_env() {
 	Dir::Cache::archives "$aptdir/archives";
 	APT::Sandbox::User "root";
 	EOF
+	if [ -n "${ASTERISK_MARKS_CA_BUNDLE:-}" ]; then
+		echo "Acquire::https::CAInfo \"$ASTERISK_MARKS_CA_BUNDLE\";" >> "$aptdir/apt.conf"
+	fi
 	export APT_CONFIG=$aptdir/apt.conf
 }
 
@@ -273,7 +281,9 @@ fetch_tarball() {
 	rm -rf "$dl.tmp"
 	mkdir -p "$dl.tmp"
 	log "fetch: downloading $tarball_url"
-	curl -fsSL --retry 2 -o "$dl.tmp/asterisk-$version.tar.gz" "$tarball_url" \
+	local ca=()
+	[ -n "${ASTERISK_MARKS_CA_BUNDLE:-}" ] && ca=(--cacert "$ASTERISK_MARKS_CA_BUNDLE")
+	curl -fsSL --retry 2 "${ca[@]}" -o "$dl.tmp/asterisk-$version.tar.gz" "$tarball_url" \
 		2>"$dl.tmp/curl.log" || {
 		cat "$dl.tmp/curl.log" >&2
 		die "cannot download Asterisk $version from $tarball_url: is $version a released" \
@@ -376,7 +386,23 @@ check_patches() {
 # patch series resets only the files that change and the build stays
 # incremental.
 tree_dir() {
-	echo "$cache/tree-$(echo "$(source_id) ${CONFIGURE_FLAGS[*]} ${MODULES[*]} $sanitize" | sha256sum | cut -c1-12)"
+	echo "$cache/tree-$(echo "$(source_id) ${CONFIGURE_FLAGS[*]} ${MODULES[*]}" \
+		"${PATTERN_EXCLUDES[*]} $sanitize $(build_packages_id)" | sha256sum | cut -c1-12)"
+}
+
+# What configure finds depends on the libraries installed: the build
+# packages scripts/setup.sh lists.
+build_packages_id() {
+	sed -n '/^readonly BUILD_PACKAGES=(/,/^)/p' "$top/scripts/setup.sh" 2>/dev/null \
+		| sha256sum | cut -c1-12
+}
+
+# The module selection's inputs: a tree selected with other ones selects again.
+selection_id() {
+	{
+		echo "${MODULES[*]} ${PATTERN_EXCLUDES[*]} $sanitize"
+		declare -f select_modules
+	} | sha256sum | cut -c1-16
 }
 
 prepare_tree() {
@@ -389,7 +415,12 @@ prepare_tree() {
 			&& git -c user.name=build -c user.email=build@localhost commit -qm pristine \
 			&& git tag pristine)
 		configure_tree "$tree"
+		selection_id > "$tree/.astmarks-selection"
 		touch "$tree/.astmarks-configured"
+	elif [ "$(cat "$tree/.astmarks-selection" 2>/dev/null)" != "$(selection_id)" ]; then
+		log "menuselect: the selection changed; selecting again"
+		select_in "$tree"
+		selection_id > "$tree/.astmarks-selection"
 	fi
 }
 
@@ -410,9 +441,14 @@ configure_tree() {
 		tail -n 40 "$tree/configure.out" >&2
 		die "configure failed; the whole log is $tree/configure.out"
 	}
+	select_in "$tree"
+}
+
+select_in() {
+	local tree=$1
 	log "menuselect: profile $profile (${#MODULES[@]} names and patterns)"
 	(cd "$tree" && select_modules) >"$tree/menuselect.out" 2>&1 || {
-		tail -n 40 "$tree/menuselect.out" >&2
+		grep -E '^error' "$tree/menuselect.out" >&2 || tail -n 40 "$tree/menuselect.out" >&2
 		die "menuselect failed; see $tree/menuselect.out"
 	}
 	grep -E '^(left out|selected)' "$tree/menuselect.out" | while read -r line; do
@@ -425,58 +461,82 @@ configure_tree() {
 # module named without a pattern must build.
 select_modules() {
 	local opts=menuselect.makeopts ms=menuselect/menuselect
-	make -s "$opts"
+	make -s "$opts" || return 1
 	local cat
 	for cat in MENUSELECT_ADDONS MENUSELECT_APPS MENUSELECT_BRIDGES MENUSELECT_CDR \
 		MENUSELECT_CEL MENUSELECT_CHANNELS MENUSELECT_CODECS MENUSELECT_FORMATS \
 		MENUSELECT_FUNCS MENUSELECT_PBX MENUSELECT_RES MENUSELECT_TESTS \
 		MENUSELECT_UTILS MENUSELECT_AGIS MENUSELECT_CORE_SOUNDS MENUSELECT_MOH \
 		MENUSELECT_EXTRA_SOUNDS; do
-		$ms --disable-category "$cat" "$opts"
+		$ms --disable-category "$cat" "$opts" || return 1
 	done
-	$ms --disable BUILD_NATIVE "$opts"
+	$ms --disable BUILD_NATIVE "$opts" || return 1
 	if [ "$sanitize" = address ]; then
-		$ms --enable DONT_OPTIMIZE "$opts"
+		$ms --enable DONT_OPTIMIZE "$opts" || return 1
 	fi
 	# The source's modules (not add-ons, tests, utilities or sounds).
-	local known=() wanted=() name pattern
-	mapfile -t known < <(awk '
+	local -A known=() named=() excluded=() wanted=() left=()
+	local name pattern
+	while read -r name; do
+		known[$name]=1
+	done < <(awk '
 		/<category name=/ { split($0, a, "\""); cat = a[2] }
 		/<member name=/ && cat ~ /^MENUSELECT_(APPS|BRIDGES|CDR|CEL|CHANNELS|CODECS|FORMATS|FUNCS|PBX|RES)$/ {
 			split($0, a, "\""); print a[2]
 		}' menuselect-tree)
 	[ ${#known[@]} -gt 0 ] || { echo "error: no modules in menuselect-tree"; return 1; }
+	for name in "${PATTERN_EXCLUDES[@]}"; do
+		excluded[$name]=1
+	done
 	for pattern in "${MODULES[@]}"; do
 		if [[ $pattern != *'*'* ]]; then
-			wanted+=("$pattern")
+			[ -n "${known[$pattern]:-}" ] || {
+				echo "error: the $profile profile names $pattern, which this source does not have"
+				return 1
+			}
+			named[$pattern]=1 wanted[$pattern]=1
 			continue
 		fi
-		for name in "${known[@]}"; do
+		for name in "${!known[@]}"; do
 			# shellcheck disable=SC2053 # a glob on purpose
-			[[ $name == $pattern ]] || continue
-			printf '%s\n' "${PATTERN_EXCLUDES[@]}" | grep -qxF "$name" || wanted+=("$name")
+			[[ $name == $pattern ]] && [ -z "${excluded[$name]:-}" ] && wanted[$name]=1
 		done
 	done
 	local args=()
-	for name in "${wanted[@]}"; do
+	for name in "${!wanted[@]}"; do
 		args+=(--enable "$name")
 	done
-	$ms "${args[@]}" "$opts"
-	# Modules whose dependencies are missing: menuselect lists them all.
-	local failed=() left=()
-	mapfile -t failed < <(sed -n 's/^MENUSELECT_DEPSFAILED=[A-Z_]*=//p' "$opts")
-	for name in "${failed[@]}"; do
-		printf '%s\n' "${wanted[@]}" | grep -qxF "$name" || continue
-		if printf '%s\n' "${MODULES[@]}" | grep -qxF "$name"; then
+	$ms "${args[@]}" "$opts" || return 1
+	# Modules whose libraries are missing (menuselect's DEPSFAILED): a
+	# pattern's are left out, a named one stops the build.
+	while read -r name; do
+		[ -n "${wanted[$name]:-}" ] || continue
+		if [ -n "${named[$name]:-}" ]; then
 			echo "error: $name is in the $profile profile but its libraries are missing"
 			return 1
 		fi
-		left+=("$name")
-		$ms --disable "$name" "$opts"
+		left[$name]=1
+		$ms --disable "$name" "$opts" || return 1
+	done < <(sed -n 's/^MENUSELECT_DEPSFAILED=[A-Z_]*=//p' "$opts")
+	$ms --check-deps "$opts" || return 1
+	# What is selected now, checked against what was asked: menuselect
+	# lists what it leaves out, one MENUSELECT_<category>= line each.
+	local -A off=()
+	for name in $(sed -n -E 's/^MENUSELECT_(APPS|BRIDGES|CDR|CEL|CHANNELS|CODECS|FORMATS|FUNCS|PBX|RES)=//p' "$opts"); do
+		off[$name]=1
 	done
-	[ ${#left[@]} -eq 0 ] || echo "left out (libraries missing): ${left[*]}"
+	for name in "${!wanted[@]}"; do
+		[ -z "${off[$name]:-}" ] && continue
+		[ -n "${left[$name]:-}" ] && continue
+		if [ -n "${named[$name]:-}" ]; then
+			echo "error: menuselect did not select $name, which the $profile profile names"
+			return 1
+		fi
+		left[$name]=1
+	done
+	[ ${#left[@]} -eq 0 ] || echo "left out (their libraries or dependencies are missing): $(printf '%s\n' "${!left[@]}" \
+		| sort | tr '\n' ' ')"
 	echo "selected $((${#wanted[@]} - ${#left[@]})) modules"
-	$ms --check-deps "$opts"
 }
 
 # Reset the tree to pristine and apply the series (when patched).

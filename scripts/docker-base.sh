@@ -19,13 +19,15 @@
 #   TMPDIR                            where the tree is built (removed after;
 #                                     default /var/tmp, about 250 MB)
 #
-# debootstrap runs as root: as another user the script asks sudo for it.
+# debootstrap, and reading the tree it makes, need root: as another user the
+# script runs those steps (only those) through sudo; docker runs as the user.
 set -euo pipefail
 
 readonly SUITE=bookworm
 image=${DEBIAN_IMAGE:-debian:$SUITE}
 slim_image=${DEBIAN_SLIM_IMAGE:-debian:$SUITE-slim}
 top=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+self=$top/scripts/docker-base.sh
 started=$SECONDS
 
 log() {
@@ -38,6 +40,16 @@ die() {
 	exit 1
 }
 
+# Run this script's internal command "$@" as root.
+as_root() {
+	if [ "$(id -u)" -eq 0 ]; then
+		"$self" "$@"
+	else
+		command -v sudo >/dev/null || die "debootstrap needs root, and there is no sudo"
+		sudo --preserve-env=DEBIAN_MIRROR,TMPDIR "$self" "$@"
+	fi
+}
+
 # The repository (URI) apt uses for Debian's suite $1, component main, read
 # from apt's own view of its sources (one-line or deb822 files alike).
 # Empty when apt has no such source.
@@ -48,17 +60,43 @@ apt_repo() {
 		| awk -v c="$codename" '$2 == c && $3 == "Debian" && $4 == "main" { print $1; exit }'
 }
 
+# A mirror a container can use as well as this machine: http(s) on a host
+# that is not this machine's loopback.
+check_mirror() {
+	local uri=$1 what=$2
+	case "$uri" in
+	http://* | https://*) ;;
+	*) die "$what $uri: a container can only use an http(s) mirror; set DEBIAN_MIRROR" ;;
+	esac
+	local host=${uri#*://}
+	host=${host%%/*}
+	host=${host##*@}
+	host=${host%:*}
+	case "$host" in
+	localhost | 127.* | \[::1\] | ::1)
+		die "$what $uri is on this machine's loopback, which a container does not" \
+			"reach; set DEBIAN_MIRROR to an address containers reach"
+		;;
+	esac
+}
+
 # The mirror for debootstrap, and the sources the image gets: Debian's
 # suite, its updates and its security suite, each from where this machine's
 # apt takes it.
 read_mirrors() {
-	command -v apt-get >/dev/null || die "this is not a Debian system (no apt-get):" \
-		"set DEBIAN_MIRROR to a Debian mirror (like http://deb.debian.org/debian)"
+	command -v apt-get >/dev/null || [ -n "${DEBIAN_MIRROR:-}" ] \
+		|| die "this is not a Debian system (no apt-get): set DEBIAN_MIRROR to a" \
+			"Debian mirror (like http://deb.debian.org/debian)"
 	mirror=${DEBIAN_MIRROR:-$(apt_repo "$SUITE")}
 	[ -n "$mirror" ] || die "apt has no source for Debian $SUITE main (apt-get indextargets" \
 		"lists none; has 'apt-get update' run?). Set DEBIAN_MIRROR to a Debian mirror."
+	check_mirror "$mirror" mirror
 	updates=${DEBIAN_MIRROR:-$(apt_repo "$SUITE-updates")}
-	security=$(apt_repo "$SUITE-security")
+	security=$(apt_repo "$SUITE-security" || true)
+	if [ -n "$security" ] && ! (check_mirror "$security" "security mirror") 2>/dev/null; then
+		log "security mirror $security is not usable from a container: left out"
+		security=
+	fi
 }
 
 cmd_mirror() {
@@ -75,7 +113,7 @@ have_image() {
 # Pull $1; 0 if it worked. The reason it did not is printed.
 try_pull() {
 	local out
-	if out=$(docker pull -q "$1" 2>&1); then
+	if out=$(timeout 300 docker pull -q "$1" 2>&1); then
 		log "pulled $1"
 		return 0
 	fi
@@ -83,13 +121,26 @@ try_pull() {
 	return 1
 }
 
-# How this machine's apt reaches its mirror, as apt.conf lines: its proxies
-# and whether it checks the Release files' dates (a frozen snapshot mirror
-# serves Release files whose Valid-Until has passed). The image's apt needs
-# the same to reach the same mirror.
+# How this machine's apt reaches its mirror, as apt.conf lines: whether it
+# checks the Release files' dates (a frozen snapshot mirror serves Release
+# files whose Valid-Until has passed) and its proxies, except those a
+# container cannot reach (loopback) or that carry a password (an image layer
+# is no place for one).
 mirror_access() {
+	local line
 	apt-config dump 2>/dev/null | grep -E \
-		'^Acquire::(Check-Valid-Until|Check-Date|(http|https|ftp)::Proxy(::[^ ]+)?) ' || true
+		'^Acquire::(Check-Valid-Until|Check-Date|(http|https|ftp)::Proxy(::[^ ]+)?) ' \
+		| while IFS= read -r line; do
+			case "$line" in
+			*Proxy*localhost* | *Proxy*127.* | *Proxy*\[::1\]*)
+				log "image apt: leaving out a loopback proxy ($line): containers do not reach it"
+				;;
+			*Proxy*://*@*)
+				log "image apt: leaving out a proxy with a password: set it at build time"
+				;;
+			*) printf '%s\n' "$line" ;;
+			esac
+		done
 }
 
 # The apt sources of the image, deb822 as in Debian's own images.
@@ -115,10 +166,25 @@ image_sources() {
 	fi
 }
 
-# Make the debootstrapped tree $1 what a container image is: Debian's
-# sources, the apt settings of Debian's images, no host files, no caches.
-containerize() {
-	local root=$1
+# (root) debootstrap into $1/root and make it what a container image is:
+# Debian's sources, the apt settings of Debian's images, no host files, no
+# caches.
+root_tree() {
+	local work=$1 root=$1/root
+	read_mirrors
+	if ! command -v debootstrap >/dev/null; then
+		log "installing debootstrap (apt)"
+		"$top/scripts/setup.sh" apt-docker-base
+	fi
+	# An https mirror needs the CA certificates in the image for its apt.
+	local include=()
+	case "$mirror" in https://*) include=(--include=ca-certificates) ;; esac
+	log "debootstrap: Debian $SUITE (minbase) from $mirror (about half a minute)"
+	debootstrap --variant=minbase "${include[@]}" "$SUITE" "$root" "$mirror" \
+		>"$work/debootstrap.log" 2>&1 || {
+		tail -n 20 "$work/debootstrap.log" >&2
+		die "debootstrap of $SUITE from $mirror failed (log above)"
+	}
 	rm -f "$root/etc/apt/sources.list"
 	image_sources > "$root/etc/apt/sources.list.d/debian.sources"
 	local access
@@ -151,11 +217,14 @@ containerize() {
 	rm -rf "$root"/var/lib/apt/lists/* "$root"/var/cache/apt/*.bin \
 		"$root"/var/cache/apt/archives/*.deb "$root"/tmp/* "$root"/var/tmp/*
 	find "$root/var/log" -type f -exec truncate -s0 {} +
+	# What the image was made from, for its label.
+	echo "debootstrap --variant=minbase $SUITE $mirror" > "$work/how"
 }
 
-# Remove what Debian's slim images leave out, and keep dpkg from installing it.
-slimify() {
-	local root=$1
+# (root) Remove from $1/root what Debian's slim images leave out, and keep
+# dpkg from installing it.
+root_slim() {
+	local root=$1/root
 	cat > "$root/etc/dpkg/dpkg.cfg.d/docker" <<-'EOF'
 	# Slim image: no documentation, manual pages or translations.
 	path-exclude /usr/share/doc/*
@@ -173,51 +242,47 @@ slimify() {
 		"$root"/usr/share/lintian/* "$root"/usr/share/linda/* "$root"/usr/share/locale/*
 }
 
-# Import the tree $1 as image $2 ($3 says how it was made).
+# (root) The tree $1/root as a tar stream on stdout.
+root_tar() {
+	tar --numeric-owner --xattrs -C "$1/root" -c .
+}
+
+# (root) Remove the work directory $1.
+root_rm() {
+	case "$1" in
+	*/docker-base.*) rm -rf --one-file-system "$1" ;;
+	*) die "refusing to remove $1" ;;
+	esac
+}
+
+# Import the tree in $1 as image $2 ($3 says how it was made).
 import_tree() {
-	local root=$1 tag=$2 what=$3
+	local work=$1 tag=$2 how=$3
 	log "import: $tag"
-	tar --numeric-owner --xattrs -C "$root" -c . | docker import \
+	as_root --root-tar "$work" | docker import \
 		--change 'CMD ["bash"]' \
 		--change 'ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin' \
-		--change "LABEL io.asterisk-marks.base=\"$what\"" \
+		--change "LABEL io.asterisk-marks.base=\"$how\"" \
 		--change "LABEL io.asterisk-marks.created=$(date -u +%FT%TZ)" \
 		- "$tag" >/dev/null || die "docker import of $tag failed"
 }
 
-# debootstrap Debian and import it as every tag named (the full image, the
-# slim one, or both).
+# debootstrap Debian and import it as the tags asked for ($1: the full
+# image, $2: the slim one; yes or no).
 build_images() {
-	local want_full=$1 want_slim=$2
-	if [ "$(id -u)" -ne 0 ]; then
-		command -v sudo >/dev/null || die "debootstrap needs root: run this as root"
-		log "debootstrap needs root: asking sudo"
-		exec sudo --preserve-env=DEBIAN_IMAGE,DEBIAN_SLIM_IMAGE,DEBIAN_MIRROR,TMPDIR,DOCKER_HOST \
-			"$0" --only "$want_full" "$want_slim"
-	fi
-	read_mirrors
-	if ! command -v debootstrap >/dev/null; then
-		log "installing debootstrap (apt)"
-		"$top/scripts/setup.sh" apt-docker-base
-	fi
-	local work
+	local want_full=$1 want_slim=$2 work
 	work=$(mktemp -d "${TMPDIR:-/var/tmp}/docker-base.XXXXXX")
 	# shellcheck disable=SC2064 # expand $work now
-	trap "rm -rf '$work'" EXIT
-	log "debootstrap: Debian $SUITE (minbase) from $mirror (about half a minute)"
-	debootstrap --variant=minbase "$SUITE" "$work/root" "$mirror" \
-		>"$work/debootstrap.log" 2>&1 || {
-		tail -n 20 "$work/debootstrap.log" >&2
-		die "debootstrap of $SUITE from $mirror failed (log above)"
-	}
-	containerize "$work/root"
-	local how="debootstrap --variant=minbase $SUITE $mirror"
-	[ "$want_full" = yes ] && import_tree "$work/root" "$image" "$how"
+	trap "as_root --root-rm '$work' || true" EXIT
+	as_root --root-tree "$work"
+	local how
+	how=$(cat "$work/how")
+	[ "$want_full" = yes ] && import_tree "$work" "$image" "$how"
 	if [ "$want_slim" = yes ]; then
-		slimify "$work/root"
-		import_tree "$work/root" "$slim_image" "$how, slim"
+		as_root --root-slim "$work"
+		import_tree "$work" "$slim_image" "$how, slim"
 	fi
-	rm -rf "$work"
+	as_root --root-rm "$work"
 	trap - EXIT
 }
 
@@ -228,10 +293,15 @@ main() {
 		cmd_mirror
 		return
 		;;
-	--only) # internal: after sudo, build what the caller found missing
-		full=$2 slim=$3
+	# Internal: the steps that run as root (see as_root).
+	--root-tree) root_tree "$2"; return ;;
+	--root-slim) root_slim "$2"; return ;;
+	--root-tar) root_tar "$2"; return ;;
+	--root-rm) root_rm "$2"; return ;;
+	--rebuild)
+		docker info >/dev/null 2>&1 || die "no Docker engine answers 'docker info'"
+		full=yes slim=yes
 		;;
-	--rebuild) full=yes slim=yes ;;
 	ensure)
 		docker info >/dev/null 2>&1 || die "no Docker engine answers 'docker info'"
 		have_image "$image" || try_pull "$image" || full=yes
@@ -248,8 +318,8 @@ main() {
 	local tag
 	for tag in "$image" "$slim_image"; do
 		log "$tag: $(docker image inspect -f '{{index .Config.Labels "io.asterisk-marks.base"}}' \
-			"$tag" 2>/dev/null || echo '?'), $(docker image inspect -f '{{.Size}}' "$tag" \
-			| numfmt --to=iec)"
+			"$tag" | sed 's/<no value>/from a registry/'), $(docker image inspect \
+			-f '{{.Size}}' "$tag" | numfmt --to=iec)"
 	done
 }
 

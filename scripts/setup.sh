@@ -10,6 +10,9 @@
 #   setup.sh apt-tools     runtime + what the tests and the bot use (no compiler)
 #   setup.sh apt-docker-base  debootstrap, for scripts/docker-base.sh
 #   setup.sh venv          the virtualenv only ($VENV, default .venv)
+#
+# ASTERISK_MARKS_CA_BUNDLE names a CA bundle apt and pip trust (a network
+# whose TLS a proxy intercepts; docker/Dockerfile passes the build's).
 set -euo pipefail
 
 top=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -59,15 +62,18 @@ install_apt() {
 			|| die "missing packages (${missing[*]}) and not root: run 'make setup' as root"
 		sudo=(sudo)
 	fi
+	# A CA bundle to trust (a proxy that intercepts TLS; docker/ passes one).
+	local ca=()
+	[ -n "${ASTERISK_MARKS_CA_BUNDLE:-}" ] && ca=(-o "Acquire::https::CAInfo=$ASTERISK_MARKS_CA_BUNDLE")
 	say "apt packages: installing ${missing[*]}"
-	if ! "${sudo[@]}" apt-get -q -o DPkg::Lock::Timeout=300 update >/tmp/setup-apt-update.log 2>&1; then
+	if ! "${sudo[@]}" apt-get -q -o DPkg::Lock::Timeout=300 "${ca[@]}" update >/tmp/setup-apt-update.log 2>&1; then
 		cat /tmp/setup-apt-update.log >&2
 		die "apt-get update failed: no route to Debian's archive? Check the network" \
 			"(or proxy) and run 'make setup' again"
 	fi
 	# Wait for another apt (an unattended upgrade, a second setup) rather than fail.
 	DEBIAN_FRONTEND=noninteractive "${sudo[@]}" apt-get -q -o DPkg::Lock::Timeout=300 \
-		install -y --no-install-recommends \
+		"${ca[@]}" install -y --no-install-recommends \
 		"${missing[@]}" >/tmp/setup-apt-install.log 2>&1 || {
 		tail -n 30 /tmp/setup-apt-install.log >&2
 		die "apt-get install failed; see /tmp/setup-apt-install.log"
@@ -87,6 +93,8 @@ install_venv() {
 	say "virtualenv: creating $venv"
 	"$python" -m venv "$venv" || die "cannot create a virtualenv: apt-get install python3-venv"
 	say "virtualenv: installing the harness and its dependencies from PyPI"
+	# In the environment, so that pip's build-dependency installs trust it too.
+	[ -n "${ASTERISK_MARKS_CA_BUNDLE:-}" ] && export PIP_CERT=$ASTERISK_MARKS_CA_BUNDLE
 	"$venv/bin/pip" install -q --disable-pip-version-check -e "$top[dev]" \
 		>"$venv/pip.log" 2>&1 || {
 		tail -n 30 "$venv/pip.log" >&2

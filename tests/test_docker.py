@@ -121,8 +121,12 @@ def test_asterisk_is_published_on_loopback_for_a_phone() -> None:
             "protocol": "udp",
         }
     ]
-    rtp = sorted(p["target"] for p in ports if p["target"] != 5060)
+    rtp = sorted(p["target"] for p in ports if p["protocol"] == "udp" and p["target"] != 5060)
     assert rtp == list(range(10000, 10100))
+    ari = [p for p in ports if p["protocol"] == "tcp"]
+    assert [(p["host_ip"], p["target"], p["published"]) for p in ari] == [
+        ("127.0.0.1", 8088, "8088")
+    ]
 
 
 def test_publish_address_and_settings_come_from_the_environment() -> None:
@@ -213,3 +217,85 @@ def test_compose_files_parse_on_their_own(name: str) -> None:
         check=False,
     )
     assert done.returncode == 0, done.stderr
+
+
+def test_no_syntax_line_that_would_pull_a_frontend() -> None:
+    """BuildKit pulls the image a ``# syntax=`` line names: offline, that fails."""
+    head = [line for line in DOCKERFILE.read_text().splitlines() if line.startswith("#")]
+    assert not any(line.lower().replace(" ", "").startswith("#syntax=") for line in head)
+
+
+def test_base_images_are_the_ones_docker_base_makes() -> None:
+    """docker-base.sh debootstraps exactly the tags the Dockerfile starts from."""
+    args = {
+        i.value[0].split("=")[0]: i.value[0].split("=", 1)[1]
+        for i in instructions()
+        if i.cmd == "ARG" and "=" in i.value[0]
+    }
+    script = (ROOT / "scripts" / "docker-base.sh").read_text()
+    assert args["DEBIAN_IMAGE"] == "debian:bookworm"
+    assert args["DEBIAN_SLIM_IMAGE"] == "debian:bookworm-slim"
+    assert "image=${DEBIAN_IMAGE:-debian:$SUITE}" in script
+    assert "slim_image=${DEBIAN_SLIM_IMAGE:-debian:$SUITE-slim}" in script
+    assert "readonly SUITE=bookworm" in script
+
+
+def test_downloads_in_the_build_may_use_this_machines_ca_bundle() -> None:
+    model = compose(COMPOSE)
+    assert model["secrets"]["ca-bundle"]["file"] == "/etc/ssl/certs/ca-certificates.crt"
+    for service in model["services"].values():
+        assert [s["source"] for s in service["build"]["secrets"]] == ["ca-bundle"]
+    runs = [" ".join(i.value) for i in instructions() if i.cmd == "RUN"]
+    downloading = [r for r in runs if "asterisk-build.sh build" in r or "setup.sh venv" in r]
+    assert len(downloading) == 2
+    assert all(
+        "--mount=type=secret,id=ca-bundle" in " ".join(i.flags)
+        for i in instructions()
+        if i.cmd == "RUN" and " ".join(i.value) in downloading
+    )
+
+
+def test_the_asterisk_image_builds_the_deployment_profile() -> None:
+    args = {i.value[0] for i in instructions() if i.cmd == "ARG"}
+    assert "ASTERISK_PROFILE=deployment" in args
+    services = compose(COMPOSE)["services"]
+    env = services["asterisk"]["environment"]
+    assert {"ARI_USER", "ARI_PASSWORD", "ARI_APP"} <= set(env)
+
+
+def test_the_test_run_turns_ari_on_and_gives_the_runner_the_engine() -> None:
+    model = compose(COMPOSE, COMPOSE_TEST)
+    services = model["services"]
+    ast_env, tests_env = services["asterisk"]["environment"], services["tests"]["environment"]
+    assert tests_env["HARNESS_ARI_USER"] == ast_env["ARI_USER"]
+    assert tests_env["HARNESS_ARI_PASSWORD"] == ast_env["ARI_PASSWORD"]
+    assert tests_env["HARNESS_ARI_APP"] == ast_env["ARI_APP"]
+    assert tests_env["HARNESS_ARI_URL"] == "http://asterisk:8088"
+    mounts = [(v["source"], v["target"]) for v in services["tests"]["volumes"]]
+    assert ("/var/run/docker.sock", "/var/run/docker.sock") in mounts
+    assert services["bot"]["environment"]["HARNESS_DEBUG"] == "1", "the fault tests read it"
+    subnet = model["networks"]["marks"]["ipam"]["config"][0]["subnet"]
+    assert subnet == "172.30.238.0/24", "reconnecting with the same address needs a subnet"
+
+
+def test_docker_base_reads_the_mirror_from_apt_or_the_environment() -> None:
+    script = str(ROOT / "scripts" / "docker-base.sh")
+    need(shutil.which("apt-get") is not None, "a Debian machine (apt-get)")
+    done = subprocess.run([script, "mirror"], capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr
+    apt = subprocess.run(
+        ["apt-get", "indextargets", "--format", "$(REPO_URI) $(CODENAME) $(ORIGIN)"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.splitlines()
+    bookworm = next(line.split()[0] for line in apt if line.split()[1:] == ["bookworm", "Debian"])
+    assert done.stdout.splitlines()[0] == f"mirror:   {bookworm} (bookworm)"
+    mine = subprocess.run(
+        [script, "mirror"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "DEBIAN_MIRROR": "http://mirror.example/debian/"},
+        check=False,
+    )
+    assert mine.stdout.splitlines()[0] == "mirror:   http://mirror.example/debian/ (bookworm)"
