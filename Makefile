@@ -106,7 +106,9 @@ docker-base: docker-engine
 	@scripts/docker-base.sh
 
 docker-build: setup docker-base
+	@echo "docker-build $$(date -u +%T): building the images (a first build takes about 10 minutes)"
 	@$(COMPOSE) --profile test build
+	@echo "docker-build $$(date -u +%T): built"; docker image ls --format '  {{.Repository}}:{{.Tag}} {{.Size}}' 'asterisk-marks*'
 
 # The integration tests and the compose-only tests (ARI, faults through the
 # engine) inside compose, then, on this host, what the README tells a person
@@ -114,14 +116,14 @@ docker-build: setup docker-base
 docker-test: docker-check docker-build
 	@mkdir -p logs; rc=0; \
 	$(COMPOSE_TEST) --profile test down --volumes --remove-orphans >/dev/null 2>&1; \
-	echo "docker-test: the tests inside compose (tests/integration, tests/compose)"; \
+	echo "docker-test $$(date -u +%T): the tests inside compose (tests/integration, tests/compose)"; \
 	$(COMPOSE_TEST) run --rm --use-aliases tests python -m pytest -p no:cacheprovider \
 		tests/integration tests/compose $(PYTEST_ARGS) || rc=$$?; \
 	$(COMPOSE_TEST) --profile test logs --no-color --timestamps asterisk bot \
 		> logs/docker-test-services.log 2>&1; \
 	$(COMPOSE_TEST) --profile test down --volumes --remove-orphans >/dev/null 2>&1; \
 	echo "docker-test: the services' logs are in logs/docker-test-services.log"; \
-	echo "docker-test: compose up and a call from this host (tests/docker)"; \
+	echo "docker-test $$(date -u +%T): compose up and a call from this host (tests/docker)"; \
 	$(PY) -m pytest -p no:cacheprovider tests/docker $(PYTEST_ARGS) || rc=$$?; \
 	exit $$rc
 

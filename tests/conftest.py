@@ -17,7 +17,9 @@ from pathlib import Path
 
 import pytest
 
+from harness import audio
 from harness.asterisk import AsteriskError, find_install
+from harness.bot import BotSession
 from harness.caller import SipPhone
 from harness.capture import CaptureError, check_capture_possible
 from harness.ports import LOOPBACK
@@ -44,6 +46,24 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
     terminalreporter.section("measured on real calls")
     for name, figure in MEASURED:
         terminalreporter.write_line(f"{name}: {figure}")
+
+
+async def send_marked_chunks(
+    session: BotSession, chunks: int, frames: int = 10
+) -> tuple[bytes, list[tuple[str, int]]]:
+    """Send *chunks* chunks of *frames* tagged frames, a ``MARK c<k>`` after each.
+
+    Returns what was sent and each mark with the bytes sent before it.
+    """
+    sent = b""
+    marks: list[tuple[str, int]] = []
+    for k in range(chunks):
+        chunk = audio.tagged_frames(k * frames, frames)
+        await session.send_audio(chunk)
+        sent += chunk
+        marks.append((f"c{k}", len(sent)))
+        await session.command("MARK", f"c{k}")
+    return sent, marks
 
 
 def need(condition: bool, reason: str) -> None:

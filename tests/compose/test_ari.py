@@ -6,29 +6,22 @@ are timed against the RTP the caller's phone receives.
 
 from __future__ import annotations
 
-from harness import analysis, audio
+from harness import analysis
 from harness.ari import Ari, ExternalMediaApp
 from harness.config import ARI_EXTENSION
 from harness.events import ControlFormat
 from harness.rig import Rig
 from harness.timing import units
-from tests.conftest import report
+from tests.conftest import report, send_marked_chunks
 
 
 async def test_marks_through_an_ari_external_media_channel(rig: Rig, ari: Ari) -> None:
-    sent = b""
-    marks: list[tuple[str, int]] = []
     # The externalMedia channel dials the websocket_client connection that
     # points at this rig's bot (the one its extension uses too).
     async with ExternalMediaApp(ari, connection=rig.extension) as app:
         async with rig.call(control_format=ControlFormat.JSON, extension=ARI_EXTENSION) as call:
             s = call.session
-            for k in range(8):
-                chunk = audio.tagged_frames(k * 10, 10)
-                await s.send_audio(chunk)
-                sent += chunk
-                marks.append((f"c{k}", len(sent)))
-                await s.command("MARK", f"c{k}")
+            sent, marks = await send_marked_chunks(s, 8)
             await s.wait_mark("c7", timeout=units(5))
         assert not app.errors, app.errors
         bridged = app.calls[next(iter(app.calls))]

@@ -13,7 +13,7 @@ import time
 from harness import analysis, audio
 from harness.events import ControlFormat
 from harness.rig import Rig
-from tests.conftest import report
+from tests.conftest import report, send_marked_chunks
 
 FRAME = audio.FRAME_BYTES
 
@@ -50,16 +50,9 @@ async def test_mark_played_is_sent_in_the_tick_that_dequeues_the_frame(
     rig: Rig, fmt: ControlFormat
 ) -> None:
     """A mark after every 200 ms chunk: ack arrival vs RTP departure of its last frame."""
-    sent = b""
-    marks: list[tuple[str, int]] = []
     async with rig.call(control_format=fmt) as call:
         s = call.session
-        for k in range(8):
-            chunk = audio.tagged_frames(k * 10, 10)
-            await s.send_audio(chunk)
-            sent += chunk
-            marks.append((f"c{k}", len(sent)))
-            await s.command("MARK", f"c{k}")
+        sent, marks = await send_marked_chunks(s, 8)
         await s.wait_mark("c7", timeout=5)
     timings = analysis.acked_mark_timings(
         sent, marks, call.session.named("MARK_PLAYED"), call.packets
