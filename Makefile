@@ -106,7 +106,7 @@ docker-base: docker-engine
 	@scripts/docker-base.sh
 
 docker-build: setup docker-base
-	@echo "docker-build $$(date -u +%T): building the images (a first build takes about 10 minutes)"
+	@echo "docker-build $$(date -u +%T): building the images (a first build takes about 5 minutes on 2 cores)"
 	@$(COMPOSE) --profile test build
 	@echo "docker-build $$(date -u +%T): built"; docker image ls --format '  {{.Repository}}:{{.Tag}} {{.Size}}' 'asterisk-marks*'
 
