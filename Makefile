@@ -20,6 +20,7 @@ help:
 	@echo "make asterisk         build the patched Asterisk into build/asterisk (cached)"
 	@echo "make asterisk-upstream  build it without our patches into build/asterisk-upstream"
 	@echo "make check-patches    check that asterisk-patch/series applies, without building"
+	@echo "                      (TREE=/path/to/asterisk or SNAPSHOT=file.tar.xz: to that source)"
 	@echo "make devcheck         compile chan_websocket.c with dev-mode flags (-Werror)"
 	@echo "make unit             unit tests only (no Asterisk)"
 	@echo "make lint             ruff and mypy"
@@ -40,8 +41,15 @@ asterisk: setup
 asterisk-upstream: setup
 	@$(BUILD) build-upstream
 
+# Whether the series applies, in seconds: to the pinned source, or to a tree
+# of yours (TREE=/path/to/asterisk), or to a snapshot tarball verified by its
+# sha256 (SNAPSHOT=file.tar.xz); SERIES=dir names another series.
+SOURCE_ENV = $(if $(TREE),ASTERISK_SOURCE=tree ASTERISK_TREE=$(TREE)) \
+	$(if $(SNAPSHOT),ASTERISK_SOURCE=snapshot ASTERISK_SNAPSHOT=$(SNAPSHOT)) \
+	$(if $(SERIES),ASTERISK_PATCH_DIR=$(SERIES))
+
 check-patches:
-	@$(BUILD) check-patches
+	@$(SOURCE_ENV) $(BUILD) check-patches
 
 devcheck: asterisk
 	@$(BUILD) devcheck

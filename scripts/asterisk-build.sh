@@ -21,7 +21,8 @@
 #                          formats, playback; the Docker image's). Own cache key;
 #                          a deployment build links as build/asterisk-deployment.
 #   ASTERISK_SANITIZE      "address" builds with AddressSanitizer (own cache key)
-#   ASTERISK_INSTALL_LINK  where to link the install (default build/ in the checkout)
+#   ASTERISK_INSTALL_LINK  where to link the install (default build/ in the
+#                          checkout; build/<version>/ for another source)
 #   ASTERISK_DESTDIR       install here too (a plain copy; used by docker/)
 #   ASTERISK_PATCH_DIR     the patch series directory (default asterisk-patch/)
 #   ASTERISK_DEBIAN_MIRROR the Debian mirror with unstable's sources
@@ -30,7 +31,16 @@
 #                          a network whose TLS a proxy intercepts
 #
 # The source (default: Debian's pinned source package, below):
-#   ASTERISK_SOURCE        "debian" (default) or "tarball" (an upstream release)
+#   ASTERISK_SOURCE        "debian" (default), "tarball" (an upstream release),
+#                          "snapshot" (a `git archive` tarball of upstream, like
+#                          the master snapshot in ../shared/upstream) or "tree"
+#                          (an Asterisk source tree of yours: a clone or an
+#                          unpacked release)
+#   ASTERISK_SNAPSHOT      for "snapshot": the .tar.xz/.tar.gz; verified by
+#   ASTERISK_SNAPSHOT_SHA256  its sha256 (default: the .sha256 file beside it)
+#   ASTERISK_TREE          for "tree": its top directory (tracked files of a git
+#                          clone, with their uncommitted changes; all files
+#                          otherwise)
 #   ASTERISK_VERSION       the Asterisk version (default: the pinned one, 22.10.1)
 #   ASTERISK_TARBALL_URL   where the release tarball is (default: downloads.asterisk.org)
 #   ASTERISK_TARBALL_SHA256  its sha256 (required for "tarball"; the release's
@@ -107,6 +117,11 @@ readonly TARBALL_BASE=https://downloads.asterisk.org/pub/telephony/asterisk/rele
 
 top=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 source_kind=${ASTERISK_SOURCE:-debian}
+snapshot=${ASTERISK_SNAPSHOT:-}
+snapshot_sha=${ASTERISK_SNAPSHOT_SHA256:-}
+tree_src=${ASTERISK_TREE:-}
+# What a "tree" or "snapshot" source is, once checked (check_source).
+upstream_id=
 version=${ASTERISK_VERSION:-$PINNED_VERSION}
 tarball_sha=${ASTERISK_TARBALL_SHA256:-}
 tarball_url=${ASTERISK_TARBALL_URL:-$TARBALL_BASE/asterisk-$version.tar.gz}
@@ -173,17 +188,67 @@ check_source() {
 			"ASTERISK_TARBALL_SHA256 (64 hex digits; the release's asterisk-$version.sha256" \
 			"file has it): a tarball is never built unverified"
 		;;
-	*) die "ASTERISK_SOURCE='$source_kind': expected 'debian' or 'tarball'" ;;
+	snapshot) check_snapshot ;;
+	tree) check_tree ;;
+	*) die "ASTERISK_SOURCE='$source_kind': expected 'debian', 'tarball', 'snapshot' or 'tree'" ;;
 	esac
+}
+
+# A snapshot tarball, verified by its sha256; its id names the commit.
+check_snapshot() {
+	[ -n "$snapshot" ] || die "ASTERISK_SOURCE=snapshot needs ASTERISK_SNAPSHOT (a git" \
+		"archive tarball of Asterisk, like ../shared/upstream/asterisk-master-*.tar.xz)"
+	[ -f "$snapshot" ] || die "ASTERISK_SNAPSHOT=$snapshot: no such file"
+	if [ -z "$snapshot_sha" ] && [ -f "$snapshot.sha256" ]; then
+		snapshot_sha=$(awk '{ print $1; exit }' "$snapshot.sha256")
+	fi
+	[[ $snapshot_sha =~ ^[0-9a-f]{64}$ ]] || die "ASTERISK_SNAPSHOT=$snapshot: no sha256" \
+		"(ASTERISK_SNAPSHOT_SHA256, or a $(basename "$snapshot").sha256 file beside it):" \
+		"a snapshot is never built unverified"
+	local got
+	got=$(sha256sum "$snapshot" | cut -d' ' -f1)
+	[ "$got" = "$snapshot_sha" ] || die "checksum mismatch for $snapshot: expected sha256" \
+		"$snapshot_sha, got $got. Nothing was built."
+	local commit
+	commit=$( (xz -dcf "$snapshot" 2>/dev/null || gzip -dcf "$snapshot") | git get-tar-commit-id \
+		2>/dev/null || true)
+	version=snapshot-${commit:0:10}
+	[ -n "$commit" ] || version=snapshot-${snapshot_sha:0:10}
+	upstream_id="$(basename "$snapshot") sha256:$snapshot_sha"
+}
+
+# A source tree of the user's; its id is its content (a git clone: the
+# commit, the index and the uncommitted changes of tracked files).
+check_tree() {
+	[ -n "$tree_src" ] || die "ASTERISK_SOURCE=tree needs ASTERISK_TREE (the top directory" \
+		"of an Asterisk source tree)"
+	[ -d "$tree_src" ] || die "ASTERISK_TREE=$tree_src: no such directory"
+	tree_src=$(cd "$tree_src" && pwd)
+	[ -f "$tree_src/channels/chan_websocket.c" ] && [ -f "$tree_src/configure" ] \
+		|| die "ASTERISK_TREE=$tree_src is not an Asterisk source tree with chan_websocket" \
+			"(channels/chan_websocket.c and configure; chan_websocket arrived in 22.5.0)"
+	local content
+	if git -C "$tree_src" rev-parse --show-toplevel 2>/dev/null | grep -qxF "$tree_src"; then
+		content=$({
+			git -C "$tree_src" rev-parse HEAD 2>/dev/null || true
+			git -C "$tree_src" ls-files -s
+			git -C "$tree_src" diff
+		} | sha256sum | cut -c1-16)
+		version=tree-$(git -C "$tree_src" rev-parse --short=10 HEAD 2>/dev/null || echo new)
+	else
+		content=$(tar -C "$tree_src" --sort=name --exclude=.git -cf - . | sha256sum | cut -c1-16)
+		version=tree-$content
+	fi
+	upstream_id="tree $tree_src content:$content"
 }
 
 # What identifies the source in cache keys and in the install's VERSION file.
 source_id() {
-	if [ "$source_kind" = tarball ]; then
-		echo "asterisk-$version.tar.gz sha256:$tarball_sha"
-	else
-		echo "$DEB_VERSION"
-	fi
+	case "$source_kind" in
+	tarball) echo "asterisk-$version.tar.gz sha256:$tarball_sha" ;;
+	snapshot | tree) echo "$upstream_id" ;;
+	*) echo "$DEB_VERSION" ;;
+	esac
 }
 
 # Cache key: the source, the build recipe, the options and, unless
@@ -303,10 +368,16 @@ fetch_tarball() {
 # pjproject), or Debian's package via unpack_debian.
 unpack() {
 	local dest=$1 tarball
-	if [ "$source_kind" = debian ]; then
+	case "$source_kind" in
+	debian)
 		unpack_debian "$dest"
 		return
-	fi
+		;;
+	snapshot | tree)
+		unpack_upstream "$dest"
+		return
+		;;
+	esac
 	tarball=$(fetch_tarball)
 	rm -rf "$dest"
 	mkdir -p "$dest"
@@ -315,6 +386,56 @@ unpack() {
 		|| die "$tarball is not a readable tar.gz"
 	[ -f "$dest/channels/chan_websocket.c" ] \
 		|| die "asterisk-$version has no channels/chan_websocket.c (it arrived in 22.5.0)"
+}
+
+# A snapshot or a tree of the user's into $1, with a .version file, and
+# with the pjproject its build bundles ready offline.
+unpack_upstream() {
+	local dest=$1
+	rm -rf "$dest"
+	mkdir -p "$dest"
+	if [ "$source_kind" = snapshot ]; then
+		log "unpack: $(basename "$snapshot")"
+		tar -xaf "$snapshot" -C "$dest" --strip-components=1 \
+			|| die "$snapshot is not a readable tarball"
+	elif git -C "$tree_src" rev-parse --show-toplevel 2>/dev/null | grep -qxF "$tree_src"; then
+		log "copy: the tracked files of $tree_src (with their uncommitted changes)"
+		(cd "$tree_src" && git ls-files -z | tar --null -T - -cf -) | tar -C "$dest" -xf -
+	else
+		log "copy: $tree_src"
+		tar -C "$tree_src" --exclude=.git -cf - . | tar -C "$dest" -xf -
+	fi
+	[ -f "$dest/channels/chan_websocket.c" ] \
+		|| die "$(source_id) has no channels/chan_websocket.c (it arrived in 22.5.0)"
+	[ -f "$dest/.version" ] || echo "$version" > "$dest/.version"
+	offline_pjproject "$dest"
+}
+
+# The bundled pjproject's tarball for the tree in $1, without GitHub: the
+# build's download cache gets the one Debian's source carries (as
+# debian/rules does), if it is the version the tree wants.
+offline_pjproject() {
+	local tree=$1 want
+	want=$(sed -n 's/^PJPROJECT_VERSION=//p' "$tree/third-party/versions.mak" 2>/dev/null)
+	[ -n "$want" ] || return 0
+	local externals=$cache/externals name=pjproject-$want.tar.bz2
+	mkdir -p "$externals"
+	if [ ! -f "$externals/$name" ]; then
+		log "pjproject $want: taken from Debian's source package (offline, as debian/rules does)"
+		local tmp have
+		tmp=$(mktemp -d "$cache/pjproject.XXXXXX")
+		(unpack_debian "$tmp/src") || { rm -rf "$tmp"; exit 1; }
+		have=$(find "$tmp/src/debian/build-pjproject" -name 'pjproject-*.tar.bz2' -printf '%f\n')
+		if [ "$have" != "$name" ]; then
+			rm -rf "$tmp"
+			die "this tree bundles pjproject $want; Debian's source has ${have:-none}. Put" \
+				"$name (from pjproject's releases) in $externals and run again"
+		fi
+		mv "$tmp/src/debian/build-pjproject/$name" "$externals/$name.tmp"
+		mv "$externals/$name.tmp" "$externals/$name"
+		rm -rf "$tmp"
+	fi
+	(cd "$externals" && md5sum "$name") > "$tree/third-party/pjproject/$name.md5"
 }
 
 # Unpack the pinned source (Debian's patches applied) into $1, with the
@@ -353,7 +474,7 @@ apply_series() {
 		[ -f "$patch_dir/$p" ] || die "series names $p, which is not in asterisk-patch/"
 		local out
 		if ! out=$(cd "$tree" && git apply --check --verbose "$patch_dir/$p" 2>&1); then
-			printf '%s\n' "$out" | sed -n '/^error/,$p' >&2
+			printf '%s\n' "$out" | grep -E '^error: (patch failed|.*: patch does not apply)' >&2
 			local hunk
 			hunk=$(printf '%s\n' "$out" | grep -m1 '^error: patch failed:' \
 				| sed 's/^error: patch failed: //')
@@ -367,16 +488,30 @@ apply_series() {
 }
 
 check_patches() {
-	need_tools git dpkg-source
+	need_tools git
 	local tmp rc=0
 	tmp=$(mktemp -d)
-	unpack "$tmp/src"
+	if [ "$source_kind" = tree ]; then
+		# Only the files, not the pjproject preparation: this must take seconds.
+		mkdir -p "$tmp/src"
+		if git -C "$tree_src" rev-parse --show-toplevel 2>/dev/null | grep -qxF "$tree_src"; then
+			(cd "$tree_src" && git ls-files -z | tar --null -T - -cf -) | tar -C "$tmp/src" -xf -
+		else
+			tar -C "$tree_src" --exclude=.git -cf - . | tar -C "$tmp/src" -xf -
+		fi
+	elif [ "$source_kind" = snapshot ]; then
+		mkdir -p "$tmp/src"
+		tar -xaf "$snapshot" -C "$tmp/src" --strip-components=1
+	else
+		unpack "$tmp/src"
+	fi
 	(cd "$tmp/src" && git init -q . && git add -A >/dev/null \
 		&& git -c user.name=check -c user.email=check@localhost commit -qm pristine)
 	(apply_series "$tmp/src") || rc=$?
 	rm -rf "$tmp"
 	[ $rc -eq 0 ] || exit $rc
-	log "check-patches: the series ($(series_patches | wc -l) patches) applies cleanly"
+	log "check-patches: the series in $patch_dir ($(series_patches | wc -l) patches) applies" \
+		"cleanly to $(source_id)"
 }
 
 # --- build -------------------------------------------------------------------
@@ -646,13 +781,17 @@ main() {
 	mkdir -p "$cache"
 	local cmd=${1:-build}
 	check_source
+	# Builds of another source link beside the pinned one's, under its name.
+	if [[ $source_kind == @(snapshot|tree) ]] && [ -z "${ASTERISK_INSTALL_LINK:-}" ]; then
+		link_dir=$top/build/$version
+	fi
 	case "$cmd" in
 	fetch)
-		if [ "$source_kind" = tarball ]; then
-			fetch_tarball >/dev/null
-		else
-			fetch >/dev/null
-		fi
+		case "$source_kind" in
+		tarball) fetch_tarball >/dev/null ;;
+		debian) fetch >/dev/null ;;
+		*) log "fetch: nothing to download for a $source_kind" ;;
+		esac
 		log "fetch: $(source_id) is in $cache/source"
 		;;
 	check-patches) check_patches ;;

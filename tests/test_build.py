@@ -181,7 +181,7 @@ def test_tarball_settings_are_checked_before_anything_is_fetched(
 def test_unknown_source_kind(tmp_path: Path) -> None:
     done = run_source({"ASTERISK_SOURCE": "git"}, tmp_path / "cache")
     assert done.returncode == 1
-    assert "expected 'debian' or 'tarball'" in done.stderr
+    assert "expected 'debian', 'tarball', 'snapshot' or 'tree'" in done.stderr
 
 
 def test_tarball_checksum_mismatch_stops_and_keeps_nothing(
@@ -214,3 +214,164 @@ def test_verified_tarball_is_cached(tmp_path: Path, release: tuple[Path, str]) -
     second = run_source(env, cache)
     assert second.returncode == 0, second.stderr
     assert "downloading" not in second.stderr
+
+
+# --- a snapshot tarball or a tree of the user's ----------------------------------
+
+
+def fake_tree(top: Path) -> Path:
+    """A stand-in Asterisk tree: what the script checks for, as a git clone."""
+    (top / "channels").mkdir(parents=True)
+    (top / "channels" / "chan_websocket.c").write_text("/* stand-in */\nint x;\n")
+    (top / "configure").write_text("#!/bin/sh\n")
+    git = ["git", "-C", str(top), "-c", "user.name=t", "-c", "user.email=t@localhost"]
+    subprocess.run([*git, "init", "-q"], check=True)
+    subprocess.run([*git, "add", "-A"], check=True)
+    subprocess.run([*git, "commit", "-qm", "stand-in"], check=True)
+    return top
+
+
+def one_patch_series(tmp_path: Path, patch: str) -> Path:
+    series = tmp_path / "series-dir"
+    series.mkdir()
+    (series / "0001-x.patch").write_text(patch)
+    (series / "series").write_text("0001-x.patch\n")
+    return series
+
+
+GOOD_PATCH = """\
+From 0000000000000000000000000000000000000000 Mon Sep 17 00:00:00 2001
+From: Test <test@example.com>
+Subject: [PATCH] chan_websocket: A patch that applies to the stand-in.
+
+---
+diff --git a/channels/chan_websocket.c b/channels/chan_websocket.c
+--- a/channels/chan_websocket.c
++++ b/channels/chan_websocket.c
+@@ -1,2 +1,2 @@
+ /* stand-in */
+-int x;
++int y;
+--
+2.39.5
+"""
+
+
+def run_check(env: dict[str, str], tmp_path: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["bash", str(BUILD), "check-patches"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "ASTERISK_MARKS_CACHE": str(tmp_path / "cache"), **env},
+        timeout=60,
+        check=False,
+    )
+
+
+def test_check_patches_against_a_tree_of_yours(tmp_path: Path) -> None:
+    tree = fake_tree(tmp_path / "asterisk")
+    env = {"ASTERISK_SOURCE": "tree", "ASTERISK_TREE": str(tree)}
+    good = run_check(
+        {**env, "ASTERISK_PATCH_DIR": str(one_patch_series(tmp_path, GOOD_PATCH))}, tmp_path
+    )
+    assert good.returncode == 0, good.stderr
+    assert f"applies cleanly to tree {tree}" in good.stderr
+    bad_dir = tmp_path / "bad"
+    bad_dir.mkdir()
+    bad = run_check(
+        {**env, "ASTERISK_PATCH_DIR": str(one_patch_series(bad_dir, BAD_PATCH))}, tmp_path
+    )
+    assert bad.returncode == 1
+    assert "patch 1 (0001-x.patch) does not apply: hunk at channels/chan_websocket.c:40" in (
+        bad.stderr
+    )
+    assert "while searching for" not in bad.stderr, "the error, not the whole hunk"
+
+
+def test_the_tree_key_follows_uncommitted_changes(tmp_path: Path) -> None:
+    tree = fake_tree(tmp_path / "asterisk")
+    env = {
+        **os.environ,
+        "ASTERISK_SOURCE": "tree",
+        "ASTERISK_TREE": str(tree),
+        "ASTERISK_MARKS_CACHE": str(tmp_path / "cache"),
+    }
+
+    def key() -> str:
+        done = subprocess.run(
+            ["bash", str(BUILD), "key", "upstream"],
+            capture_output=True,
+            text=True,
+            env=env,
+            check=False,
+        )
+        assert done.returncode == 0, done.stderr
+        return done.stdout.strip()
+
+    before = key()
+    assert key() == before
+    (tree / "channels" / "chan_websocket.c").write_text("/* changed */\n")
+    assert key() != before
+
+
+def make_snapshot(tmp_path: Path) -> tuple[Path, str]:
+    """A ``git archive`` tarball of the stand-in tree, and its sha256."""
+    tree = fake_tree(tmp_path / "src")
+    snapshot = tmp_path / "asterisk-master-0000000000.tar.gz"
+    subprocess.run(
+        [
+            "git",
+            "-C",
+            str(tree),
+            "archive",
+            "--prefix=asterisk-master/",
+            "-o",
+            str(snapshot),
+            "HEAD",
+        ],
+        check=True,
+    )
+    digest = subprocess.run(
+        ["sha256sum", str(snapshot)], capture_output=True, text=True, check=True
+    ).stdout.split()[0]
+    return snapshot, digest
+
+
+def test_a_snapshot_is_verified_by_the_sha256_file_beside_it(tmp_path: Path) -> None:
+    snapshot, digest = make_snapshot(tmp_path)
+    series = one_patch_series(tmp_path, GOOD_PATCH)
+    env = {
+        "ASTERISK_SOURCE": "snapshot",
+        "ASTERISK_SNAPSHOT": str(snapshot),
+        "ASTERISK_PATCH_DIR": str(series),
+    }
+    missing = run_check(env, tmp_path)
+    assert missing.returncode == 1
+    assert "no sha256" in missing.stderr and "never built unverified" in missing.stderr
+    Path(f"{snapshot}.sha256").write_text(f"{digest}  {snapshot.name}\n")
+    good = run_check(env, tmp_path)
+    assert good.returncode == 0, good.stderr
+    wrong = run_check({**env, "ASTERISK_SNAPSHOT_SHA256": "0" * 64}, tmp_path)
+    assert wrong.returncode == 1
+    assert f"expected sha256 {'0' * 64}, got {digest}" in wrong.stderr
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"ASTERISK_SOURCE": "tree"}, "needs ASTERISK_TREE"),
+        ({"ASTERISK_SOURCE": "tree", "ASTERISK_TREE": "/nonexistent"}, "no such directory"),
+        ({"ASTERISK_SOURCE": "tree", "ASTERISK_TREE": "/tmp"}, "is not an Asterisk source tree"),
+        ({"ASTERISK_SOURCE": "snapshot"}, "needs ASTERISK_SNAPSHOT"),
+        (
+            {"ASTERISK_SOURCE": "snapshot", "ASTERISK_SNAPSHOT": "/nonexistent.tar.xz"},
+            "no such file",
+        ),
+    ],
+)
+def test_bad_tree_and_snapshot_settings_are_named(
+    tmp_path: Path, env: dict[str, str], message: str
+) -> None:
+    done = run_check(env, tmp_path)
+    assert done.returncode == 1
+    assert message in done.stderr
