@@ -228,7 +228,7 @@ check_tree() {
 		|| die "ASTERISK_TREE=$tree_src is not an Asterisk source tree with chan_websocket" \
 			"(channels/chan_websocket.c and configure; chan_websocket arrived in 22.5.0)"
 	local content
-	if git -C "$tree_src" rev-parse --show-toplevel 2>/dev/null | grep -qxF "$tree_src"; then
+	if tree_is_git; then
 		content=$({
 			git -C "$tree_src" rev-parse HEAD 2>/dev/null || true
 			git -C "$tree_src" ls-files -s
@@ -388,9 +388,13 @@ unpack() {
 		|| die "asterisk-$version has no channels/chan_websocket.c (it arrived in 22.5.0)"
 }
 
-# A snapshot or a tree of the user's into $1, with a .version file, and
-# with the pjproject its build bundles ready offline.
-unpack_upstream() {
+# Whether the "tree" source is the top of a git clone.
+tree_is_git() {
+	git -C "$tree_src" rev-parse --show-toplevel 2>/dev/null | grep -qxF "$tree_src"
+}
+
+# The files of a snapshot or a tree of the user's into the new directory $1.
+upstream_files() {
 	local dest=$1
 	rm -rf "$dest"
 	mkdir -p "$dest"
@@ -398,7 +402,7 @@ unpack_upstream() {
 		log "unpack: $(basename "$snapshot")"
 		tar -xaf "$snapshot" -C "$dest" --strip-components=1 \
 			|| die "$snapshot is not a readable tarball"
-	elif git -C "$tree_src" rev-parse --show-toplevel 2>/dev/null | grep -qxF "$tree_src"; then
+	elif tree_is_git; then
 		log "copy: the tracked files of $tree_src (with their uncommitted changes)"
 		(cd "$tree_src" && git ls-files -z | tar --null -T - -cf -) | tar -C "$dest" -xf -
 	else
@@ -407,6 +411,13 @@ unpack_upstream() {
 	fi
 	[ -f "$dest/channels/chan_websocket.c" ] \
 		|| die "$(source_id) has no channels/chan_websocket.c (it arrived in 22.5.0)"
+}
+
+# A snapshot or a tree of the user's into $1, with a .version file, and
+# with the pjproject its build bundles ready offline.
+unpack_upstream() {
+	local dest=$1
+	upstream_files "$dest"
 	[ -f "$dest/.version" ] || echo "$version" > "$dest/.version"
 	offline_pjproject "$dest"
 }
@@ -491,17 +502,9 @@ check_patches() {
 	need_tools git
 	local tmp rc=0
 	tmp=$(mktemp -d)
-	if [ "$source_kind" = tree ]; then
+	if [[ $source_kind == @(snapshot|tree) ]]; then
 		# Only the files, not the pjproject preparation: this must take seconds.
-		mkdir -p "$tmp/src"
-		if git -C "$tree_src" rev-parse --show-toplevel 2>/dev/null | grep -qxF "$tree_src"; then
-			(cd "$tree_src" && git ls-files -z | tar --null -T - -cf -) | tar -C "$tmp/src" -xf -
-		else
-			tar -C "$tree_src" --exclude=.git -cf - . | tar -C "$tmp/src" -xf -
-		fi
-	elif [ "$source_kind" = snapshot ]; then
-		mkdir -p "$tmp/src"
-		tar -xaf "$snapshot" -C "$tmp/src" --strip-components=1
+		upstream_files "$tmp/src"
 	else
 		unpack "$tmp/src"
 	fi
