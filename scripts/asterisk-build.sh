@@ -24,7 +24,8 @@
 #   ASTERISK_INSTALL_LINK  where to link the install (default build/ in the
 #                          checkout; build/<version>/ for another source)
 #   ASTERISK_DESTDIR       install here too (a plain copy; used by docker/)
-#   ASTERISK_PATCH_DIR     the patch series directory (default asterisk-patch/)
+#   ASTERISK_PATCH_DIR     the patch series directory (default: asterisk-patch/22.10/
+#                          for the Debian source, asterisk-patch/ for the others)
 #   ASTERISK_DEBIAN_MIRROR the Debian mirror with unstable's sources
 #                          (default http://deb.debian.org/debian)
 #   ASTERISK_MARKS_CA_BUNDLE  a CA bundle the downloads trust (apt, curl): for
@@ -140,7 +141,13 @@ deployment) MODULES=("${DEPLOYMENT_MODULES[@]}") ;;
 esac
 readonly MODULES
 link_dir=${ASTERISK_INSTALL_LINK:-$top/build}
-patch_dir=${ASTERISK_PATCH_DIR:-$top/asterisk-patch}
+# The series for the source: Debian's 22.10.1 has its own (it predates
+# upstream's fix for #2006); master, its snapshots and 22.11+ take the main one.
+if [ "$source_kind" = debian ]; then
+	patch_dir=${ASTERISK_PATCH_DIR:-$top/asterisk-patch/22.10}
+else
+	patch_dir=${ASTERISK_PATCH_DIR:-$top/asterisk-patch}
+fi
 series=$patch_dir/series
 started=$SECONDS
 
@@ -482,7 +489,7 @@ apply_series() {
 	local tree=$1 p n=0
 	while read -r p; do
 		n=$((n + 1))
-		[ -f "$patch_dir/$p" ] || die "series names $p, which is not in asterisk-patch/"
+		[ -f "$patch_dir/$p" ] || die "series names $p, which is not in $patch_dir"
 		local out
 		if ! out=$(cd "$tree" && git apply --check --verbose "$patch_dir/$p" 2>&1); then
 			printf '%s\n' "$out" | grep -E '^error: (patch failed|.*: patch does not apply)' >&2

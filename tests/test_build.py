@@ -58,7 +58,7 @@ def run_build(*args: str, patch_dir: Path | None = None) -> subprocess.Completed
 
 def copy_series(tmp_path: Path) -> Path:
     dest = tmp_path / "patches"
-    shutil.copytree(ROOT / "asterisk-patch", dest)
+    shutil.copytree(ROOT / "asterisk-patch" / "22.10", dest)
     return dest
 
 
@@ -375,3 +375,16 @@ def test_bad_tree_and_snapshot_settings_are_named(
     done = run_check(env, tmp_path)
     assert done.returncode == 1
     assert message in done.stderr
+
+
+def test_the_main_series_applies_to_the_pinned_master_snapshot(tmp_path: Path) -> None:
+    """make check-patches SNAPSHOT=...: the default series for a snapshot is asterisk-patch/."""
+    snapshots = sorted((ROOT.parent / "shared" / "upstream").glob("asterisk-master-*.tar.xz"))
+    need(bool(snapshots), "the upstream master snapshot in ../shared/upstream/")
+    env = {"ASTERISK_SOURCE": "snapshot", "ASTERISK_SNAPSHOT": str(snapshots[-1])}
+    result = run_check(env, tmp_path)
+    assert result.returncode == 0, result.stderr
+    lines = (ROOT / "asterisk-patch" / "series").read_text().splitlines()
+    count = sum(1 for line in lines if line.strip() and not line.startswith("#"))
+    series = ROOT / "asterisk-patch"
+    assert f"the series in {series} ({count} patches) applies cleanly" in result.stderr
