@@ -52,12 +52,16 @@ class BotSession:
         self.path = path
         self.params: dict[str, str] = {k: v[-1] for k, v in parse_qs(urlsplit(path).query).items()}
         self.events: list[Event] = []
+        #: Every TEXT message as it arrived, parsed or not.
+        self.texts: list[str] = []
         self.audio_in: list[ReceivedAudio] = []
         self.protocol_errors: list[str] = []
         self.format: ControlFormat = ControlFormat.PLAIN
         self.closed = asyncio.Event()
         self.close_code: int | None = None
         self.bytes_sent = 0
+        #: Whether the driver has MARK, once :meth:`probe_marks` has asked.
+        self.marks_supported: bool | None = None
         self._changed = asyncio.Condition()
 
     @property
@@ -73,6 +77,7 @@ class BotSession:
 
     async def _record_text(self, text: str) -> None:
         t, mono = time.time(), time.monotonic()
+        self.texts.append(text)
         try:
             event = parse_event(text, t=t, mono=mono)
         except ProtocolError as exc:
@@ -193,6 +198,23 @@ class BotSession:
     async def command(self, command: str, argument: str | int | None = None, **extra: Any) -> None:
         """Send a command in this session's control format."""
         await self.send_text(format_command(self.format, command, argument, **extra))
+
+    async def probe_marks(self, timeout: float | None = None) -> bool:
+        """Whether the driver has MARK; asked once per session.
+
+        Sends ``REPORT_PROGRESS 0`` (the opt-in to the new events, which asks
+        for none) and ``GET_STATUS``. A driver with MARK answers with a
+        ``STATUS`` that carries ``pending_marks``; one without ignores the
+        unknown command and answers with upstream's ``STATUS``. Either way
+        nothing else is sent, so this works at any point in a call.
+        """
+        if self.marks_supported is None:
+            after = len(self.events) - 1
+            await self.command("REPORT_PROGRESS", 0)
+            await self.command("GET_STATUS")
+            status = await self.wait_for("STATUS", after=after, timeout=timeout)
+            self.marks_supported = "pending_marks" in status.fields
+        return self.marks_supported
 
     async def close(self) -> None:
         await self.connection.close()

@@ -86,7 +86,8 @@ async def demo(args: argparse.Namespace) -> int:
         async with rig.call(control_format=fmt, pcap=logdir / "rtp.pcap") as call:
             session = call.session
             pacer = Pacer(session, target_ms=args.target_ms)
-            how = "MARK_MEDIA and a clock (no MARK here)" if pacer.fallback else "MARK"
+            await session.probe_marks()
+            how = "MARK" if session.marks_supported else "MARK_MEDIA and a clock (no MARK here)"
             say(
                 f"connected ({fmt.value}); streaming the prompt as a TTS engine would, "
                 f"a mark per chunk with {how}, about {args.target_ms:.0f} ms queued"

@@ -136,6 +136,10 @@ def _parse_plain(text: str, t: float, mono: float) -> Event:
     if not re.fullmatch(r"[A-Z][A-Z0-9_]*", name):
         raise ProtocolError(f"not a plain-text event: {text[:80]!r}")
     fields: dict[str, Any] = {}
+    if name in _POSITIONAL_KEY and rest and not _KEY_RE.match(rest):
+        # Upstream prints the app's id as it is, spaces and all.
+        fields[_POSITIONAL_KEY[name]] = rest
+        return Event(name=name, fields=fields, raw=text, format=ControlFormat.PLAIN, t=t, mono=mono)
     tokens = rest.split(" ") if rest else []
     key: str | None = None
     i = 0

@@ -8,8 +8,9 @@ Asterisk, using the positions in ``MARK_PLAYED`` (one mark per chunk), and on
 barge-in flushes and returns how many ms of the response the caller got, from
 ``MEDIA_FLUSHED``.
 
-On a driver without ``MARK`` (no ``capabilities`` in ``MEDIA_START``) it
-falls back to ``MARK_MEDIA`` and a clock estimate, and logs that it did. The
+On a driver without ``MARK`` (asked once per call, see
+:meth:`harness.bot.BotSession.probe_marks`) it falls back to ``MARK_MEDIA``
+and a clock estimate, and logs that it did. The
 ``clock`` and ``drained`` strategies exist for comparison (``make bench``).
 """
 
@@ -73,13 +74,6 @@ class PacingResult:
         return sum(c.size for c in self.chunks if c.sent is not None)
 
 
-def supports_marks(session: BotSession) -> bool:
-    """Whether the driver advertises MARK in MEDIA_START."""
-    start = session.media_start
-    caps = start.get("capabilities", "") if start is not None else ""
-    return "MARK" in str(caps).split(",")
-
-
 class Pacer:
     """Streams responses into one call, keeping about ``target_ms`` queued."""
 
@@ -98,13 +92,8 @@ class Pacer:
         # next one that long before it is needed.
         self._generation: collections.deque[float] = collections.deque(maxlen=8)
         self.strategy = strategy
+        #: MARK is not available: MARK_MEDIA and a clock instead (known once playing).
         self.fallback = False
-        if strategy is Strategy.MARKS and not supports_marks(session):
-            log.warning(
-                "pacer: the driver does not advertise MARK; falling back to MARK_MEDIA "
-                "and a clock estimate (acks one ptime late, none after a flush)"
-            )
-            self.fallback = True
         self._barge_in = asyncio.Event()
         self._current: PacingResult | None = None
         # When the audio sent so far will have finished playing: a clock
@@ -201,6 +190,7 @@ class Pacer:
 
         Call :meth:`barge_in` from another task to interrupt.
         """
+        await self._check_marks()
         result = PacingResult(self.strategy, start_offset=self.session.bytes_sent)
         self._current = result
         result.fallback = self.fallback
@@ -242,6 +232,17 @@ class Pacer:
         if self._barge_in.is_set():
             await self._flush(result, prefix, use_mark)
         return result
+
+    async def _check_marks(self) -> None:
+        """Find out, once, whether the driver has MARK; fall back if not."""
+        if self.strategy is not Strategy.MARKS or self.fallback:
+            return
+        if not await self.session.probe_marks():
+            log.warning(
+                "pacer: the driver has no MARK; falling back to MARK_MEDIA "
+                "and a clock estimate (acks one ptime late, none after a flush)"
+            )
+            self.fallback = True
 
     def lookahead_ms(self) -> float:
         """How long before it is needed to ask the engine for the next chunk.
