@@ -13,7 +13,7 @@ import time
 from harness import analysis, audio
 from harness.events import ControlFormat
 from harness.rig import Rig
-from tests.conftest import report, send_marked_chunks
+from tests.conftest import need, report, send_marked_chunks
 
 FRAME = audio.FRAME_BYTES
 
@@ -160,8 +160,10 @@ async def test_flush_resolves_every_mark_and_reports_the_position(
 
 
 async def test_flushed_mark_media_gets_mark_cleared(rig: Rig, fmt: ControlFormat) -> None:
+    """Once an app has opted in, its MARK_MEDIA marks are answered exactly once too."""
     async with rig.call(control_format=fmt) as call:
         s = call.session
+        assert await s.probe_marks()
         await s.send_audio(audio.tagged_frames(0, 50))
         await s.command("MARK_MEDIA", "legacy")
         await s.command("FLUSH_MEDIA")
@@ -205,25 +207,35 @@ async def test_bot_hangup_clears_pending_marks(rig: Rig, fmt: ControlFormat) -> 
     assert cleared.get_str("reason") == "hangup"
 
 
-async def test_media_direction_in_clears_pending_marks(rig: Rig) -> None:
+async def test_media_direction_in_holds_media_and_marks(rig: Rig) -> None:
+    """Direction 'in' stops the timer; 'both' re-creates it and the queue plays on."""
     async with rig.call(control_format=ControlFormat.JSON) as call:
         s = call.session
         await s.send_audio(audio.tagged_frames(0, 50))
         await s.command("MARK", "before")
+        await asyncio.sleep(0.2)
         await s.command("SET_MEDIA_DIRECTION", "in")
-        cleared = await s.wait_for("MARK_CLEARED")
-        flushed = await s.wait_for("MEDIA_FLUSHED")
+        await asyncio.sleep(0.5)
+        held = s.named("MARK_PLAYED", "MARK_CLEARED", "MEDIA_FLUSHED")
         # With no timer, a new mark is refused rather than left hanging.
         await s.command("MARK", "while-in")
         error = await s.wait_for("ERROR")
-    assert cleared.mark_id == "before"
-    assert cleared.get_str("reason") == "direction"
-    assert flushed.get_str("reason") == "direction"
+        await s.command("SET_MEDIA_DIRECTION", "both")
+        mark = await s.wait_mark("before")
+        await asyncio.sleep(0.1)
+    assert held == [], "nothing is discarded or answered while the direction is 'in'"
     assert "MARK" in error.get_str("error_text")
+    assert mark.name == "MARK_PLAYED"
+    assert mark.get_int("played_ms") == 1000
+    assert [audio.frame_index(p.payload) for p in call.packets] == list(range(50))
 
 
 async def test_partial_frame_is_played_before_its_mark(rig: Rig, fmt: ControlFormat) -> None:
-    """10 frames + 50 bytes in one message, no buffering, then a mark."""
+    """10 frames + 50 bytes in one message, no buffering, then a mark.
+
+    The 50 bytes go out as they are (no padding, as upstream decided): without
+    a negotiated ptime, Asterisk sends them as a short RTP packet at once.
+    """
     sent = audio.tagged_frames(0, 10) + audio.tagged_frame(10, 50)
     async with rig.call(control_format=fmt) as call:
         s = call.session
@@ -236,7 +248,7 @@ async def test_partial_frame_is_played_before_its_mark(rig: Rig, fmt: ControlFor
     assert payloads[:10] == frames[:10]
     short = call.packets[10]
     assert len(payloads) == 11, "nothing after the partial frame"
-    assert short.payload == frames[10] + b"\xff" * 110, "the 50 bytes, padded with μ-law silence"
+    assert short.payload == frames[10], "the 50 bytes, unpadded"
     assert mark.get_int("played_ms") == 206  # 1650 bytes = 206.25 ms
     error_ms = (mark.t - short.t) * 1000
     report(
@@ -248,27 +260,31 @@ async def test_partial_frame_is_played_before_its_mark(rig: Rig, fmt: ControlFor
 async def test_buffered_partial_frame_is_played_before_the_mark(
     rig: Rig, fmt: ControlFormat
 ) -> None:
-    """START_MEDIA_BUFFERING, 10.5 frames, a mark, more audio a second later."""
+    """START_MEDIA_BUFFERING, 10.5 frames, a mark, more audio a second later.
+
+    As upstream does since #2006, the half frame is played when the queue runs
+    dry, buffering or not; the mark after it is answered in that tick.
+    """
     first = audio.tagged_frames(0, 10) + bytes(range(16, 96))  # 10.5 frames
-    later = bytes(range(96, 176)) + audio.tagged_frames(11, 4)
+    later = audio.tagged_frames(11, 4)
     async with rig.call(control_format=fmt) as call:
         s = call.session
         await s.command("START_MEDIA_BUFFERING")
         await s.send_audio(first)
         await s.command("MARK", "mid-frame")
+        mark = await s.wait_mark("mid-frame")
         await asyncio.sleep(1.0)
-        assert not s.named("MARK_PLAYED"), "the half frame has not been played yet"
         await s.send_audio(later)
         await s.command("STOP_MEDIA_BUFFERING", "done")
-        mark = await s.wait_mark("mid-frame")
         await s.wait_for("MEDIA_BUFFERING_COMPLETED")
         await asyncio.sleep(0.1)
-    frames = analysis.split_frames(first + later)
-    times = analysis.departures(call.packets, frames)
-    assert None not in times, "every byte reached RTP"
-    # The mark sits inside frame 10 (80 old bytes + 80 new ones).
-    error_ms = (mark.t - times[10]) * 1000  # type: ignore[operator]
-    report(f"MARK_PLAYED inside a buffered frame - its RTP ({fmt.value})", f"{error_ms:+.2f} ms")
+    payloads = [p.payload for p in call.packets]
+    assert payloads[:11] == analysis.split_frames(first), "10 frames, then the half frame alone"
+    assert payloads[11:] == analysis.split_frames(later)
+    error_ms = (mark.t - call.packets[10].t) * 1000
+    report(
+        f"MARK_PLAYED after a buffered half frame - its RTP ({fmt.value})", f"{error_ms:+.2f} ms"
+    )
     assert abs(error_ms) < 15
     assert mark.get_int("played_ms") == 210
 
@@ -289,6 +305,7 @@ async def test_unaligned_messages_lose_no_byte(rig: Rig, fmt: ControlFormat) -> 
 async def test_full_queue_drop_is_reported(rig: Rig, fmt: ControlFormat) -> None:
     async with rig.call(control_format=fmt) as call:
         s = call.session
+        assert await s.probe_marks()  # an app that never opted in only gets XOFF, as upstream
         block = audio.tagged_frames(0, 50)
         for _ in range(22):  # 1100 frames: the last two messages overflow
             await s.send_audio(block)
@@ -326,19 +343,17 @@ async def test_pause_holds_marks_until_continue(rig: Rig, fmt: ControlFormat) ->
     assert held.get_int("played_ms") == 100
 
 
-async def test_marks_in_passthrough_mode(rig: Rig, fmt: ControlFormat) -> None:
+async def test_marks_are_refused_in_passthrough_mode(rig: Rig, fmt: ControlFormat) -> None:
+    """Like MARK_MEDIA upstream: the app frames and times the media itself."""
     async with rig.call(control_format=fmt, options="p") as call:
         s = call.session
         for i in range(5):
             await s.send_audio(audio.tagged_frame(i))  # one frame per message
         await s.command("MARK", "pt")
-        mark = await s.wait_mark("pt")
-        await s.send_audio(audio.tagged_frames(5, 1))
-        await s.command("MARK", "pt2")
-        await s.command("FLUSH_MEDIA")
-        await s.wait_for("MEDIA_FLUSHED")
-    assert mark.name == "MARK_PLAYED"
-    assert mark.get_int("played_ms") == 100
+        error = await s.wait_for("ERROR")
+        await asyncio.sleep(0.2)
+    assert "MARK not supported in passthrough mode" in error.get_str("error_text")
+    assert not s.named("MARK_PLAYED", "MARK_CLEARED")
     assert [audio.frame_index(p.payload) for p in call.packets][:5] == list(range(5))
 
 
@@ -392,21 +407,23 @@ async def test_report_progress(rig: Rig, fmt: ControlFormat) -> None:
     assert len(after_off) == len(progress), "0 turns it off"
 
 
-async def test_status_and_capabilities(rig: Rig, fmt: ControlFormat) -> None:
+async def test_status_and_the_probe_for_marks(rig: Rig, fmt: ControlFormat) -> None:
     async with rig.call(control_format=fmt) as call:
         s = call.session
-        caps = s.media_start.get_str("capabilities").split(",")  # type: ignore[union-attr]
+        supported = await s.probe_marks()
+        probed = len(s.events) - 1
         await s.command("PAUSE_MEDIA")
         await s.send_audio(audio.tagged_frames(0, 10))
         await s.command("MARK", "x")
         await s.command("MARK", "y")
         await s.command("GET_STATUS")
-        status = await s.wait_for("STATUS")
+        status = await s.wait_for("STATUS", after=probed)
         await s.command("CONTINUE_MEDIA")
         await s.wait_mark("y")
         await s.command("GET_STATUS")
         status2 = await s.wait_for("STATUS", after=status.index)
-    assert {"MARK", "REPORT_PROGRESS"} <= set(caps)
+    assert supported is True
+    assert "capabilities" not in s.media_start.fields  # type: ignore[union-attr]
     assert status.get_int("pending_marks") == 2
     assert status.get_int("played_ms") == 0
     assert status.get_int("queued_ms") == 200
@@ -433,23 +450,32 @@ async def test_progress_every_ptime_and_a_last_report_when_dry(
     assert played[25:] == [560], "none due before 600, but one when the queue ran dry"
 
 
-async def test_stop_buffering_is_answered_even_with_the_mark_limit_reached(
+async def test_pending_marks_are_bounded_and_a_refusal_names_the_mark(
     rig: Rig, fmt: ControlFormat
 ) -> None:
+    """STOP_MEDIA_BUFFERING's own mark counts too: nothing grows without bound."""
     async with rig.call(control_format=fmt) as call:
         s = call.session
+        assert await s.probe_marks()
         await s.command("PAUSE_MEDIA")
         await s.command("START_MEDIA_BUFFERING")
         await s.send_audio(audio.tagged_frames(0, 3))
-        for i in range(1000):
+        for i in range(999):
             await s.command("MARK_MEDIA", f"m{i}")
         await s.command("STOP_MEDIA_BUFFERING", "stop")
+        await s.command("STOP_MEDIA_BUFFERING", "stop2")
+        await s.command("MARK", "x")
+        first = await s.wait_for("ERROR")
+        second = await s.wait_for("ERROR", after=first.index)
+        after = len(s.events) - 1
         await s.command("GET_STATUS")
-        status = await s.wait_for("STATUS", timeout=10)
+        status = await s.wait_for("STATUS", after=after)
         await s.command("CONTINUE_MEDIA")
         done = await s.wait_for("MEDIA_BUFFERING_COMPLETED")
-    assert not s.named("ERROR"), "the internal mark is not the app's to limit"
-    assert status.get_int("pending_marks") == 1001
+    assert "STOP_MEDIA_BUFFERING 'stop2'" in first.get_str("error_text")
+    assert "MARK 'x'" in second.get_str("error_text")
+    assert "1000" in second.get_str("error_text")
+    assert status.get_int("pending_marks") == 1000
     assert done.mark_id == "stop"
 
 
@@ -475,16 +501,60 @@ async def test_flush_plays_marks_that_only_a_pause_held(rig: Rig, fmt: ControlFo
     assert flushed.get_int("cleared_marks") == 1
 
 
-async def test_direction_in_ends_pause_and_media_resumes_after_both(rig: Rig) -> None:
+async def test_direction_in_keeps_a_pause_and_media_resumes_after_both(rig: Rig) -> None:
     async with rig.call(control_format=ControlFormat.JSON) as call:
         s = call.session
         await s.command("PAUSE_MEDIA")
         await s.command("SET_MEDIA_DIRECTION", "in")
-        await s.wait_for("MEDIA_FLUSHED")
         await s.command("SET_MEDIA_DIRECTION", "both")
         await s.send_audio(audio.tagged_frames(0, 5))
         await s.command("MARK", "resumed")
+        await asyncio.sleep(0.3)
+        paused = s.named("MARK_PLAYED")
+        await s.command("CONTINUE_MEDIA")
         mark = await s.wait_mark("resumed", timeout=3)
         await asyncio.sleep(0.1)
+    assert paused == [], "still paused"
     assert mark.name == "MARK_PLAYED"
-    assert [audio.frame_index(p.payload) for p in call.packets][-5:] == list(range(5))
+    assert [audio.frame_index(p.payload) for p in call.packets] == list(range(5))
+
+
+async def test_flush_ends_a_pause_as_documented(rig: Rig) -> None:
+    """An app that never sent MARK: no new events, but the pause ends (patch 2)."""
+    async with rig.call() as call:
+        s = call.session
+        await s.command("PAUSE_MEDIA")
+        await s.send_audio(audio.tagged_frames(0, 5))
+        await s.command("FLUSH_MEDIA")
+        await s.send_audio(audio.tagged_frames(5, 5))
+        await s.command("MARK_MEDIA", "after-flush")
+        mark = await s.wait_mark("after-flush", timeout=3)
+        await asyncio.sleep(0.1)
+    assert mark.name == "MEDIA_MARK_PROCESSED"
+    assert [audio.frame_index(p.payload) for p in call.packets] == list(range(5, 10))
+    assert s.event_names() == ["MEDIA_START", "MEDIA_MARK_PROCESSED"]
+
+
+async def test_nothing_is_written_after_the_app_closed(rig: Rig) -> None:
+    """Patch 3: no event is tried on a closed socket, so no error is logged."""
+    if rig.asterisk is not None:
+        log_path = rig.asterisk.messages_log
+    else:
+        assert rig.services is not None
+        need(rig.services.logs is not None, "the services' messages.log (HARNESS_ASTERISK_LOGS)")
+        log_path = rig.services.logs / "messages.log"  # type: ignore[operator]
+    start = log_path.stat().st_size if log_path.exists() else 0
+    async with rig.call() as call:
+        s = call.session
+        await s.command("MARK", "first")
+        await s.send_audio(audio.tagged_frames(0, 50))
+        for i in range(20):
+            await s.command("MARK", f"m{i}")
+        await s.command("REPORT_PROGRESS", 20)
+        await s.close()
+        await call.sip.wait_disconnected()
+        await asyncio.sleep(0.2)
+    with log_path.open(errors="replace") as f:
+        f.seek(start)
+        log = f.read()
+    assert "Unable to send event" not in log
