@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 BUILD := scripts/asterisk-build.sh
 PYTEST_ARGS ?=
 
-.PHONY: all setup asterisk asterisk-upstream check-patches devcheck demo test \
+.PHONY: all setup asterisk asterisk-upstream asterisk-master check-patches devcheck demo test \
 	unit lint test-asan bench clean distclean help docker-check docker-engine \
 	docker-base docker-build docker-test docker-up
 
@@ -19,6 +19,8 @@ help:
 	@echo "make setup            apt packages and the .venv virtualenv"
 	@echo "make asterisk         build the patched Asterisk into build/asterisk (cached)"
 	@echo "make asterisk-upstream  build it without our patches into build/asterisk-upstream"
+	@echo "make asterisk-master  build upstream master (MASTER_SNAPSHOT) with asterisk-patch/"
+	@echo "                      and without, into build/master/"
 	@echo "make check-patches    check that asterisk-patch/series applies, without building"
 	@echo "                      (TREE=/path/to/asterisk or SNAPSHOT=file.tar.xz: to that source)"
 	@echo "make devcheck         compile chan_websocket.c with dev-mode flags (-Werror)"
@@ -41,6 +43,18 @@ asterisk: setup
 asterisk-upstream: setup
 	@$(BUILD) build-upstream
 
+# Upstream master: the pinned snapshot beside this checkout (verified by its
+# sha256), with the main series (asterisk-patch/) and without.
+MASTER_SNAPSHOT ?= $(firstword $(wildcard ../shared/upstream/asterisk-master-*.tar.xz))
+MASTER_ENV = ASTERISK_SOURCE=snapshot ASTERISK_SNAPSHOT=$(MASTER_SNAPSHOT) \
+	ASTERISK_INSTALL_LINK=$(CURDIR)/build/master
+asterisk-master: setup
+	@test -n "$(MASTER_SNAPSHOT)" || { echo "asterisk-master: no master snapshot:" \
+		"set MASTER_SNAPSHOT=/path/to/asterisk-master-<commit>.tar.xz (a git archive" \
+		"of upstream, with its .sha256 beside it)" >&2; exit 1; }
+	@$(MASTER_ENV) $(BUILD) build
+	@$(MASTER_ENV) $(BUILD) build-upstream
+
 # Whether the series applies, in seconds: to the pinned source, or to a tree
 # of yours (TREE=/path/to/asterisk), or to a snapshot tarball verified by its
 # sha256 (SNAPSHOT=file.tar.xz); SERIES=dir names another series.
@@ -51,8 +65,9 @@ SOURCE_ENV = $(if $(TREE),ASTERISK_SOURCE=tree ASTERISK_TREE=$(TREE)) \
 check-patches:
 	@$(SOURCE_ENV) $(BUILD) check-patches
 
-devcheck: asterisk
+devcheck: asterisk asterisk-master
 	@$(BUILD) devcheck
+	@$(MASTER_ENV) $(BUILD) devcheck
 
 demo: asterisk
 	@$(PY) -m harness demo
@@ -65,8 +80,15 @@ lint: setup
 unit: setup
 	@$(PY) -m pytest -m "not integration" $(PYTEST_ARGS)
 
-test: asterisk asterisk-upstream devcheck lint
+# Everything against 22.10.1 (build/asterisk*), then the real-call suite
+# again against master (build/master/*), each build with its own series.
+test: asterisk asterisk-upstream asterisk-master devcheck lint
+	@echo "test $$(date -u +%T): every test, Asterisk 22.10.1 with asterisk-patch/22.10"
 	@$(PY) -m pytest $(PYTEST_ARGS)
+	@echo "test $$(date -u +%T): the real-call tests, upstream master with asterisk-patch"
+	@ASTERISK_PREFIX=$(CURDIR)/build/master/asterisk \
+		ASTERISK_UPSTREAM_PREFIX=$(CURDIR)/build/master/asterisk-upstream \
+		$(PY) -m pytest -m integration -p no:cacheprovider $(PYTEST_ARGS)
 
 bench: asterisk asterisk-upstream
 	@$(PY) -m harness bench --out results/latest --update-readme
