@@ -93,6 +93,7 @@ class Phone(Protocol):
         tag: str,
         headers: dict[str, str] | None = None,
         record_to: Path | None = None,
+        ptime: int | None = None,
     ) -> CallHandle: ...
 
 
@@ -349,19 +350,28 @@ class SipPhone(Service):
         tag: str,
         headers: dict[str, str] | None = None,
         record_to: Path | None = None,
+        ptime: int | None = None,
     ) -> SipCall:
-        """Place a call to *uri*; return at once (await ``wait_media()`` next)."""
+        """Place a call to *uri*; return at once (await ``wait_media()`` next).
+
+        *ptime* adds ``a=ptime`` to the offer (pjmedia never does): with
+        ``use_ptime`` Asterisk then sends through its RTP smoother.
+        """
         record = CallRecord(tag=tag, uri=uri, recording=record_to)
         call = SipCall(self, record)
         self._calls.append(call)
-        await self.run(lambda: self._make_call(call, headers or {}))
+        await self.run(lambda: self._make_call(call, headers or {}, ptime))
         return call
 
-    def _make_call(self, call: SipCall, headers: dict[str, str]) -> None:
+    def _make_call(self, call: SipCall, headers: dict[str, str], ptime: int | None) -> None:
         pj = self.pj
         phone = self
 
         class _Call(pj.Call):  # type: ignore[misc, name-defined]
+            def onCallSdpCreated(self, prm: Any) -> None:
+                if ptime is not None:
+                    prm.sdp.wholeSdp = prm.sdp.wholeSdp.rstrip("\r\n") + f"\r\na=ptime:{ptime}\r\n"
+
             def onCallState(self, prm: Any) -> None:
                 info = self.getInfo()
                 rec = call.record

@@ -231,7 +231,22 @@ class Pacer:
                     await close()
         if self._barge_in.is_set():
             await self._flush(result, prefix, use_mark)
+        else:
+            await self._end_on_a_whole_frame()
         return result
+
+    async def _end_on_a_whole_frame(self) -> None:
+        """Complete the response's last frame with silence (no mark of its own).
+
+        Asterisk does not pad. Where the phone negotiated a ptime, its RTP
+        smoother holds a short last frame until more audio comes (measured:
+        as long as the next response takes), so the caller would hear the end
+        of this response only with the start of the next one, well after its
+        last mark was answered.
+        """
+        pad = -self.session.bytes_sent % audio.FRAME_BYTES
+        if pad:
+            await self.session.send_audio(bytes([audio.ULAW_SILENCE]) * pad)
 
     async def _check_marks(self) -> None:
         """Find out, once, whether the driver has MARK; fall back if not."""

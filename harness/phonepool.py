@@ -165,6 +165,7 @@ class PhonePool(Service):
         tag: str,
         headers: dict[str, str] | None = None,
         record_to: Path | None = None,
+        ptime: int | None = None,
     ) -> RemoteCall:
         # A worker whose last calls are still ending may be full for a moment.
         deadline = asyncio.get_running_loop().time() + units(15)
@@ -177,7 +178,9 @@ class PhonePool(Service):
         worker.active += 1
         call = RemoteCall(worker, CallRecord(tag=tag, uri=uri, recording=record_to))
         worker.calls[tag] = call
-        await worker.send({"op": "call", "uri": uri, "tag": tag, "headers": headers or {}})
+        await worker.send(
+            {"op": "call", "uri": uri, "tag": tag, "headers": headers or {}, "ptime": ptime}
+        )
         return call
 
 
@@ -198,7 +201,9 @@ async def _serve(workdir: Path, channel: IO[str]) -> None:
     async def run_call(phone: SipPhone, msg: dict[str, Any]) -> None:
         tag = msg["tag"]
         try:
-            call = await phone.call(msg["uri"], tag=tag, headers=msg["headers"])
+            call = await phone.call(
+                msg["uri"], tag=tag, headers=msg["headers"], ptime=msg.get("ptime")
+            )
             calls[tag] = call
             await call.wait_media()
             emit({"tag": tag, "event": "media", "local_rtp": list(call.record.local_rtp or ())})

@@ -188,12 +188,14 @@ class Rig(Service):
         pcap: Path | None = None,
         record: Path | None = None,
         extension: str | None = None,
+        ptime: int | None = None,
     ) -> AsyncIterator[LiveCall]:
         """Place a call into the bot and yield it once media flows.
 
         *extension* is the one the call goes to (default: the one that dials
         this rig's bot); whatever answers it must connect the bot with the
         call's chan_websocket options, as ``ari`` with an ARI app does.
+        *ptime* makes the phone offer ``a=ptime`` (see :meth:`SipPhone.call`).
         """
         assert self.sip_port, "rig not started"
         tag = uuid.uuid4().hex[:12]
@@ -202,7 +204,7 @@ class Rig(Service):
         log.info("rig: call %s -> %s with WebSocket options %s", tag, uri, dial_options)
         async with self._setup:
             sip = await self.phone.call(
-                uri, tag=tag, headers={OPTIONS_HEADER: dial_options}, record_to=record
+                uri, tag=tag, headers={OPTIONS_HEADER: dial_options}, record_to=record, ptime=ptime
             )
             try:
                 session = await self._accept(tag, sip)

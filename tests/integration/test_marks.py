@@ -257,6 +257,38 @@ async def test_partial_frame_is_played_before_its_mark(rig: Rig, fmt: ControlFor
     assert abs(error_ms) < 15
 
 
+async def test_with_ptime_a_short_frame_waits_in_the_smoother(rig: Rig) -> None:
+    """The padding question, measured. The phone offers a=ptime:20, so Asterisk
+    sends through its RTP smoother, which holds a short frame until more audio
+    completes it. MARK_PLAYED still comes when the frame is handed to the core
+    (the driver's promise); the caller gets those bytes only with the next
+    audio, merged into its first packet."""
+    first = audio.tagged_frames(0, 10) + audio.tagged_frame(10, 50)
+    later = audio.tagged_frames(20, 10)
+    async with rig.call(ptime=20) as call:
+        s = call.session
+        await s.send_audio(first)
+        await s.command("MARK", "after-partial")
+        mark = await s.wait_mark("after-partial")
+        await asyncio.sleep(0.5)
+        await s.send_audio(later)
+        await s.command("MARK", "end")
+        await s.wait_mark("end")
+        await asyncio.sleep(0.1)
+    payloads = [p.payload for p in call.packets]
+    assert payloads[:10] == analysis.split_frames(first)[:10]
+    held = call.packets[10]
+    delay_ms = (held.t - mark.t) * 1000
+    report(
+        "ptime 20 offered: the 50 bytes before a mark leave after its MARK_PLAYED by",
+        f"{delay_ms:+.0f} ms, in a {len(held.payload)}-byte packet",
+    )
+    assert held.payload[:50] == first[1600:], "the 50 bytes come next, unchanged"
+    assert len(held.payload) == 160, "merged with the next audio into a whole frame"
+    assert held.payload[50:] == later[:110]
+    assert delay_ms > 400, "held until the next audio, 500 ms later"
+
+
 async def test_buffered_partial_frame_is_played_before_the_mark(
     rig: Rig, fmt: ControlFormat
 ) -> None:
