@@ -590,3 +590,48 @@ async def test_nothing_is_written_after_the_app_closed(rig: Rig) -> None:
         f.seek(start)
         log = f.read()
     assert "Unable to send event" not in log
+
+
+def ulaw_to_linear(code: int) -> int:
+    """G.711 μ-law decoding, as Asterisk's tables do it."""
+    u = ~code & 0xFF
+    sample = (((u & 0x0F) << 3) + 0x84) << ((u >> 4) & 7)
+    return 0x84 - sample if u & 0x80 else sample - 0x84
+
+
+async def test_signed_linear_split_at_odd_bytes_keeps_positions_and_alignment(
+    rig: Rig,
+) -> None:
+    """c(slin), sent a byte at a time and left to run dry in between, then whole frames.
+
+    An odd byte is half a sample: it waits for its other half (never played
+    alone, never shifting what follows), positions count whole samples and
+    never exceed what was sent (no more underflow to 2^61 ms), and the mark
+    after the last frame is answered when that frame is played.
+    """
+    ulaw = audio.tagged_frames(0, 10) + b"\x99\x99"  # the μ-law the caller must hear
+    ulaw = ulaw.replace(b"\x7f", b"\xff")  # both code zero; Asterisk encodes 0 as 0xff
+    slin = b"".join(ulaw_to_linear(c).to_bytes(2, "little", signed=True) for c in ulaw)
+    async with rig.call(codec="slin") as call:
+        s = call.session
+        for piece in (slin[:1], slin[1:2], slin[2:3]):  # half, whole, half a sample
+            await s.send_audio(piece)
+            await asyncio.sleep(0.1)  # the queue runs dry: whole samples play
+        await s.send_audio(slin[3:])
+        await s.command("MARK", "end")
+        mark = await s.wait_mark("end")
+        await asyncio.sleep(0.1)
+        after = len(s.events) - 1
+        await s.command("GET_STATUS")
+        status = await s.wait_for("STATUS", after=after)
+    heard = b"".join(p.payload for p in call.packets)
+    assert heard == ulaw, "every sample once, in order, none shifted by a byte"
+    samples = len(slin) // 2
+    assert mark.get_int("played_ms") == samples * 1000 // 8000
+    assert mark.get_int("queued_ms") == 0
+    assert status.get_int("played_ms") == samples * 1000 // 8000
+    assert status.get_int("queued_ms") == 0
+    last = max(call.packets, key=lambda p: p.t)
+    error_ms = (mark.t - last.t) * 1000
+    report("slin split at odd bytes: MARK_PLAYED - its RTP", f"{error_ms:+.2f} ms")
+    assert abs(error_ms) < 15
