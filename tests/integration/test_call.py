@@ -118,7 +118,7 @@ async def test_upstream_build_is_one_ptime_late_and_silent_on_flush(
     errors = [t.error_ms for t in analysis.mark_timings(marks, acks, times)]
     assert None not in errors
     summary = analysis.Summary.of([e for e in errors if e is not None])
-    report("MEDIA_MARK_PROCESSED - RTP, upstream 22.10.1", summary)
+    report("MEDIA_MARK_PROCESSED - RTP, the upstream build", summary)
     assert summary.median > 10, "upstream acknowledges one ptime (20 ms) late"
     assert "flushed" not in acks and not s.named("MARK_CLEARED", "MEDIA_FLUSHED"), (
         "upstream drops a flushed mark silently"
