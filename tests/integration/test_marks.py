@@ -635,3 +635,30 @@ async def test_signed_linear_split_at_odd_bytes_keeps_positions_and_alignment(
     error_ms = (mark.t - last.t) * 1000
     report("slin split at odd bytes: MARK_PLAYED - its RTP", f"{error_ms:+.2f} ms")
     assert abs(error_ms) < 15
+
+
+async def test_stop_buffering_drops_a_fragment_and_says_so(rig: Rig) -> None:
+    """An odd byte of signed linear left when the stream ends can never be played:
+    STOP_MEDIA_BUFFERING drops it (an ERROR says so to an opted-in app), so the
+    next prompt starts aligned instead of shifted by a byte."""
+    first = audio.tagged_frames(0, 5).replace(b"\x7f", b"\xff")
+    second = audio.tagged_frames(10, 5).replace(b"\x7f", b"\xff")
+
+    def slin(ulaw: bytes) -> bytes:
+        return b"".join(ulaw_to_linear(c).to_bytes(2, "little", signed=True) for c in ulaw)
+
+    async with rig.call(codec="slin") as call:
+        s = call.session
+        assert await s.probe_marks()
+        await s.command("START_MEDIA_BUFFERING")
+        await s.send_audio(slin(first) + b"\x01")
+        await s.command("STOP_MEDIA_BUFFERING", "b1")
+        error = await s.wait_for("ERROR")
+        await s.wait_for("MEDIA_BUFFERING_COMPLETED")
+        await s.send_audio(slin(second))
+        await s.command("MARK", "end")
+        await s.wait_mark("end")
+        await asyncio.sleep(0.1)
+    assert "STOP_MEDIA_BUFFERING: the last 1 bytes were dropped" in error.get_str("error_text")
+    heard = b"".join(p.payload for p in call.packets)
+    assert heard == first + second, "the second prompt is not shifted by the dropped byte"
