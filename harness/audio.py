@@ -129,13 +129,19 @@ def level(ulaw: bytes) -> int:
     return int(audioop.rms(audioop.ulaw2lin(ulaw, 2), 2))
 
 
+def ulaw_to_slin(ulaw: bytes) -> bytes:
+    """μ-law as the 16-bit signed linear (host order) that encodes back to it."""
+    data: bytes = _audioop().ulaw2lin(ulaw, 2)
+    return data
+
+
 def write_wav(path: Path, ulaw: bytes) -> Path:
     """Write μ-law audio as the 8 kHz 16-bit mono WAV file a SIP phone plays."""
     with wave.open(str(path), "wb") as out:
         out.setnchannels(1)
         out.setsampwidth(2)
         out.setframerate(SAMPLE_RATE)
-        out.writeframes(_audioop().ulaw2lin(ulaw, 2))
+        out.writeframes(ulaw_to_slin(ulaw))
     return path
 
 

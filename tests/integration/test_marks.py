@@ -592,13 +592,6 @@ async def test_nothing_is_written_after_the_app_closed(rig: Rig) -> None:
     assert "Unable to send event" not in log
 
 
-def ulaw_to_linear(code: int) -> int:
-    """G.711 μ-law decoding, as Asterisk's tables do it."""
-    u = ~code & 0xFF
-    sample = (((u & 0x0F) << 3) + 0x84) << ((u >> 4) & 7)
-    return 0x84 - sample if u & 0x80 else sample - 0x84
-
-
 async def test_signed_linear_split_at_odd_bytes_keeps_positions_and_alignment(
     rig: Rig,
 ) -> None:
@@ -611,7 +604,7 @@ async def test_signed_linear_split_at_odd_bytes_keeps_positions_and_alignment(
     """
     ulaw = audio.tagged_frames(0, 10) + b"\x99\x99"  # the μ-law the caller must hear
     ulaw = ulaw.replace(b"\x7f", b"\xff")  # both code zero; Asterisk encodes 0 as 0xff
-    slin = b"".join(ulaw_to_linear(c).to_bytes(2, "little", signed=True) for c in ulaw)
+    slin = audio.ulaw_to_slin(ulaw)
     async with rig.call(codec="slin") as call:
         s = call.session
         for piece in (slin[:1], slin[1:2], slin[2:3]):  # half, whole, half a sample
@@ -644,18 +637,15 @@ async def test_stop_buffering_drops_a_fragment_and_says_so(rig: Rig) -> None:
     first = audio.tagged_frames(0, 5).replace(b"\x7f", b"\xff")
     second = audio.tagged_frames(10, 5).replace(b"\x7f", b"\xff")
 
-    def slin(ulaw: bytes) -> bytes:
-        return b"".join(ulaw_to_linear(c).to_bytes(2, "little", signed=True) for c in ulaw)
-
     async with rig.call(codec="slin") as call:
         s = call.session
         assert await s.probe_marks()
         await s.command("START_MEDIA_BUFFERING")
-        await s.send_audio(slin(first) + b"\x01")
+        await s.send_audio(audio.ulaw_to_slin(first) + b"\x01")
         await s.command("STOP_MEDIA_BUFFERING", "b1")
         error = await s.wait_for("ERROR")
         await s.wait_for("MEDIA_BUFFERING_COMPLETED")
-        await s.send_audio(slin(second))
+        await s.send_audio(audio.ulaw_to_slin(second))
         await s.command("MARK", "end")
         await s.wait_mark("end")
         await asyncio.sleep(0.1)
