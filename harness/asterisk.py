@@ -128,6 +128,24 @@ class Asterisk(Service):
     def console_log(self) -> Path:
         return self._console
 
+    def log_offset(self) -> int:
+        """Where messages.log ends now: :meth:`log_since` reads what comes after."""
+        try:
+            return self.messages_log.stat().st_size
+        except FileNotFoundError:
+            return 0
+
+    def log_since(self, offset: int) -> tuple[str, int]:
+        """What messages.log got after *offset* (whole lines only), and the new offset."""
+        try:
+            with self.messages_log.open("rb") as f:
+                f.seek(offset)
+                data = f.read()
+        except FileNotFoundError:
+            return "", offset
+        end = data.rfind(b"\n") + 1
+        return data[:end].decode(errors="replace"), offset + end
+
     def describe_logs(self, lines: int = 60) -> str:
         """The tails of this instance's logs, for a failure report."""
         return (

@@ -135,6 +135,52 @@ def ulaw_to_slin(ulaw: bytes) -> bytes:
     return data
 
 
+@dataclass(frozen=True)
+class Codec:
+    """A codec chan_websocket accepts with ``c(<name>)``, as the harness sends it."""
+
+    name: str
+    rate: int
+    #: Bytes per sample (each codec here has a fixed number).
+    width: int
+
+    @property
+    def frame_bytes(self) -> int:
+        """Bytes in one 20 ms frame (chan_websocket's ``optimal_frame_size``)."""
+        return self.rate * FRAME_MS // 1000 * self.width
+
+    def ms(self, nbytes: int) -> int:
+        """Whole milliseconds in *nbytes*, counting whole samples as Asterisk does."""
+        return nbytes // self.width * 1000 // self.rate
+
+    def encode(self, ulaw: bytes) -> bytes:
+        """μ-law audio in this codec (resampled for the wideband ones)."""
+        audioop = _audioop()
+        if self.name == "ulaw":
+            return ulaw
+        pcm: bytes = audioop.ulaw2lin(ulaw, 2)
+        if self.name == "alaw":
+            alaw: bytes = audioop.lin2alaw(pcm, 2)
+            return alaw
+        if self.rate != SAMPLE_RATE:
+            pcm, _ = audioop.ratecv(pcm, 2, 1, SAMPLE_RATE, self.rate, None)
+        return pcm
+
+
+#: The codecs whose positions the tests check: every one chan_websocket
+#: re-frames itself (passthrough codecs are one message per frame).
+CODECS = {
+    c.name: c
+    for c in (
+        Codec("ulaw", 8000, 1),
+        Codec("alaw", 8000, 1),
+        Codec("slin", 8000, 2),
+        Codec("slin16", 16000, 2),
+        Codec("slin48", 48000, 2),
+    )
+}
+
+
 def write_wav(path: Path, ulaw: bytes) -> Path:
     """Write μ-law audio as the 8 kHz 16-bit mono WAV file a SIP phone plays."""
     with wave.open(str(path), "wb") as out:

@@ -8,8 +8,10 @@ arrival time and the caller's audio, and sends audio and commands.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
+import socket
 import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
@@ -148,7 +150,7 @@ class BotSession:
                     if self.closed.is_set():
                         raise BotError(
                             f"connection closed (code {self.close_code}) before "
-                            f"{'/'.join(names)}; events: {self.event_names()}"
+                            f"{'/'.join(names)}; events: {self.summary()}"
                         )
                     await self._changed.wait()
 
@@ -156,7 +158,7 @@ class BotSession:
             return await asyncio.wait_for(wait(), timeout)
         except TimeoutError:
             raise BotError(
-                f"no {'/'.join(names)} within {timeout:.1f} s; events: {self.event_names()}"
+                f"no {'/'.join(names)} within {timeout:.1f} s; events: {self.summary()}"
             ) from None
 
     async def wait_mark(
@@ -179,6 +181,14 @@ class BotSession:
     def event_names(self) -> list[str]:
         return [e.name for e in self.events]
 
+    def summary(self, limit: int = 12) -> str:
+        """The events so far, short enough for an error message: the first few
+        by name, then how many of each name in all."""
+        names = self.event_names()
+        head = ", ".join(names[:limit]) + (", ..." if len(names) > limit else "")
+        counts = ", ".join(f"{n} x{c}" for n, c in collections.Counter(names).items())
+        return f"[{head}] ({len(names)} events: {counts})"
+
     def named(self, *names: str) -> list[Event]:
         """Every received event with one of *names*, in arrival order."""
         return [e for e in self.events if e.name in names]
@@ -194,6 +204,11 @@ class BotSession:
         """Send one raw TEXT message (for commands the helpers do not cover)."""
         log.debug("bot %s: -> %s", self.tag, text)
         await self.connection.send(text)
+
+    async def send_raw_text(self, data: bytes) -> None:
+        """Send *data* as a TEXT message as it is, valid UTF-8 or not (as a broken bot might)."""
+        log.debug("bot %s: -> %r (raw)", self.tag, data)
+        await self.connection.send(data, text=True)
 
     async def command(self, command: str, argument: str | int | None = None, **extra: Any) -> None:
         """Send a command in this session's control format."""
@@ -215,6 +230,20 @@ class BotSession:
             status = await self.wait_for("STATUS", after=after, timeout=timeout)
             self.marks_supported = "pending_marks" in status.fields
         return self.marks_supported
+
+    def pause_reading(self) -> None:
+        """Stop reading from the connection, as a stuck bot would.
+
+        What Asterisk sends piles up in the TCP buffers and then in Asterisk.
+        Commands and audio can still be sent.
+        """
+        log.info("bot %s: stops reading", self.tag)
+        self.connection.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        """Read again after :meth:`pause_reading`."""
+        log.info("bot %s: reads again", self.tag)
+        self.connection.transport.resume_reading()
 
     async def close(self) -> None:
         await self.connection.close()
@@ -284,6 +313,15 @@ class BotServer(Service):
             compression=None,
         )
         log.info("bot: listening on %s", self.uri)
+
+    def set_receive_buffer(self, size: int) -> None:
+        """Give the connections accepted from now on a TCP receive buffer of *size*
+        bytes (Linux lets it grow to megabytes), so that what a bot that stops
+        reading leaves unread fills Asterisk's side after kilobytes."""
+        if self._server is None:
+            raise BotError("bot server is not running")
+        for sock in self._server.sockets:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, size)
 
     async def accept(self, tag: str | None = None, timeout: float | None = None) -> BotSession:
         """The next session (for *tag*, if given) once its MEDIA_START arrived."""

@@ -42,6 +42,8 @@ MODULES: tuple[str, ...] = (
     "chan_pjsip.so",
     "chan_websocket.so",
     "codec_ulaw.so",
+    "codec_alaw.so",
+    "codec_resample.so",
     "bridge_simple.so",
     "bridge_builtin_features.so",
     "app_dial.so",

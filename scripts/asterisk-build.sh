@@ -64,7 +64,7 @@ readonly TEST_MODULES=(
 	app_dial app_echo pbx_config
 	bridge_simple bridge_native_rtp bridge_builtin_features
 	chan_pjsip chan_websocket
-	codec_ulaw codec_alaw
+	codec_ulaw codec_alaw codec_resample
 	func_channel func_strings
 	res_http_websocket res_websocket_client res_timing_timerfd
 	res_pjproject res_pjsip res_pjsip_session res_pjsip_sdp_rtp
@@ -771,20 +771,26 @@ devcheck() {
 	exec 9>"$cache/build.lock"
 	flock -w 3600 9 || die "another build holds $cache/build.lock"
 	select_flavour "$tree" patched
-	rm -f "$tree/channels/chan_websocket.o" "$tree/channels/chan_websocket.so"
-	log "devcheck: compiling channels/chan_websocket.c with dev-mode flags (-Werror)"
+	# The files the series changes.
+	local objs=(channels/chan_websocket res/res_http_websocket)
+	local o
+	for o in "${objs[@]}"; do rm -f "$tree/$o.o" "$tree/$o.so"; done
+	log "devcheck: compiling ${objs[*]/%/.c} with dev-mode flags (-Werror)"
 	local rc=0
-	(cd "$tree" && make channels AST_DEVMODE=yes ASTCFLAGS=-DAST_DEVMODE=1 NOISY_BUILD=yes) \
+	(cd "$tree" && make channels res AST_DEVMODE=yes ASTCFLAGS=-DAST_DEVMODE=1 NOISY_BUILD=yes) \
 		>"$tree/make-devcheck.out" 2>&1 || rc=$?
 	# Leave no dev-mode object behind for the normal build to pick up.
-	rm -f "$tree/channels/chan_websocket.o" "$tree/channels/chan_websocket.so"
+	for o in "${objs[@]}"; do
+		[ $rc -ne 0 ] || [ -f "$tree/$o.so" ] || rc=1
+		rm -f "$tree/$o.o" "$tree/$o.so"
+	done
 	if [ $rc -ne 0 ]; then
 		grep -E 'warning|error' "$tree/make-devcheck.out" >&2 || tail -n 40 "$tree/make-devcheck.out" >&2
-		die "chan_websocket.c does not compile cleanly in dev mode; see $tree/make-devcheck.out"
+		die "${objs[*]/%/.c} do not compile cleanly in dev mode; see $tree/make-devcheck.out"
 	fi
 	grep -q -- '-Werror' "$tree/make-devcheck.out" \
 		|| die "devcheck did not compile with -Werror; see $tree/make-devcheck.out"
-	log "devcheck: chan_websocket.c compiles cleanly with -Werror and dev-mode warnings"
+	log "devcheck: ${objs[*]/%/.c} compile cleanly with -Werror and dev-mode warnings"
 }
 
 main() {

@@ -41,7 +41,7 @@ BAD_PLAIN = [
     ("MARK " + "x" * 65, "longer than 64"),
     ("MARK two words", "visible ASCII"),
     ("MARK caf\u00e9", "visible ASCII"),
-    ("MARK tab\there", "visible ASCII"),
+    ("MARK tab\there", "control character"),
     ("NO_SUCH_COMMAND 1", "unknown command"),
     ("REPORT_PROGRESS", "interval_ms"),
     ("REPORT_PROGRESS 5", "interval_ms"),
