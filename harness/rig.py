@@ -115,14 +115,18 @@ class Rig(Service):
         phone: Phone | None = None,
         name: str = "asterisk",
         services: Services | None = None,
+        bot: BotServer | None = None,
     ) -> None:
+        """*bot* is the bot server Asterisk dials (default: one on loopback)."""
         if install is None and services is None:
             raise ValueError("a rig needs an Asterisk install or running services")
         self.install = install
         self.workdir = workdir
         self.name = name
         self.services = services
-        self.bot = BotServer(services.bot_host, services.bot_port) if services else BotServer()
+        if bot is None:
+            bot = BotServer(services.bot_host, services.bot_port) if services else BotServer()
+        self.bot = bot
         self.asterisk: Asterisk | None = None
         #: Where calls go: Asterisk's address, SIP port and the bot's extension.
         self.sip_host = LOOPBACK

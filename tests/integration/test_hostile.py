@@ -229,6 +229,30 @@ async def test_a_large_message_sent_in_fragments_is_queued_whole(rig: Rig, size:
     assert_valid_texts(s)
 
 
+async def test_a_long_text_message_in_fragments_is_refused_whole(rig: Rig) -> None:
+    """A text message too long to collect comes to the driver in pieces: it is
+    refused once, and its last piece, short enough to pass for a command
+    (FLUSH_MEDIA here), is not carried out."""
+    async with rig.call() as call:
+        s = call.session
+        assert await s.probe_marks()
+        await s.command("PAUSE_MEDIA")
+        await s.send_audio(audio.tagged_frames(0, 5))
+        await s.command("MARK", "pending")
+        await s.connection.send(["x" * 1100, "FLUSH_MEDIA"])
+        after = len(s.events) - 1
+        await s.command("GET_STATUS")
+        status = await s.wait_for("STATUS", after=after)
+        await s.command("CONTINUE_MEDIA")
+        await s.wait_mark("pending")
+    errors = s.named("ERROR")
+    assert len(errors) == 1, s.texts
+    assert "exceeds maximum length" in errors[0].get_str("error_text")
+    assert not s.named("MEDIA_FLUSHED", "MARK_CLEARED"), "the last piece was not a command"
+    assert status.get_int("pending_marks") == 1
+    assert_valid_texts(s)
+
+
 # --- positions for every codec ---------------------------------------------------------
 
 
