@@ -4,9 +4,10 @@ The bot listens inside the namespace, so chan_websocket reaches it across a
 real link whose traffic can be shaped in each direction: packets dropped at
 random (loss), all of them (a black hole: no reset, nothing), or held for a
 delay with jitter. ``tc netem`` would do all of it, but this machine's kernel
-has no netem qdisc ("Specified qdisc kind is unknown"), so the namespace's
-own nftables drop packets, and delays go through NFQUEUE to
-:mod:`harness.delayq`. Needs root (``ip netns``, ``nft``).
+has no netem qdisc ("Specified qdisc kind is unknown") and no nftables
+queue, so the namespace's own iptables rules drop packets (the statistic
+match), and a delay goes through NFQUEUE to :class:`DelayQueue` (fnfqueue).
+Needs root (``ip netns``, ``iptables-legacy``).
 
 Everything is removed by :meth:`NetNs.stop`, also after a failure, and
 :func:`remove_stale` removes what a killed run left behind (names start with
@@ -17,14 +18,20 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
+import heapq
+import itertools
 import logging
 import os
+import random
 import secrets
 import shutil
 import socket
 import subprocess
 import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 from harness.service import Service
 
@@ -33,6 +40,10 @@ log = logging.getLogger(__name__)
 #: Every namespace and link this module makes is named with it.
 PREFIX = "amk"
 CLONE_NEWNET = 0x40000000
+#: The NFQUEUE numbers of the delays towards the namespace and back.
+QUEUE_TO_NS = 1
+QUEUE_TO_HOST = 2
+T = TypeVar("T")
 
 
 class NetNsError(RuntimeError):
@@ -42,8 +53,8 @@ class NetNsError(RuntimeError):
 def check_possible() -> None:
     """Raise NetNsError saying what is missing to make namespaces here."""
     if os.geteuid() != 0:
-        raise NetNsError("network namespaces need root (ip netns add, nft)")
-    for tool, package in (("ip", "iproute2"), ("nft", "nftables")):
+        raise NetNsError("network namespaces need root (ip netns add, iptables)")
+    for tool, package in (("ip", "iproute2"), ("iptables-legacy", "iptables")):
         if shutil.which(tool) is None:
             raise NetNsError(f"'{tool}' is not installed (Debian: apt-get install {package})")
 
@@ -81,6 +92,8 @@ class Shape:
 
     loss_percent: float = 0.0
     blackhole: bool = False
+    delay_ms: int = 0
+    jitter_ms: int = 0
 
     @classmethod
     def loss(cls, percent: float) -> Shape:
@@ -90,13 +103,22 @@ class Shape:
     def black_hole(cls) -> Shape:
         return cls(blackhole=True)
 
-    def rules(self) -> list[str]:
-        """nftables statements for a chain of this direction."""
+    @classmethod
+    def delay(cls, ms: int, jitter_ms: int = 0, loss_percent: float = 0.0) -> Shape:
+        return cls(delay_ms=ms, jitter_ms=jitter_ms, loss_percent=loss_percent)
+
+    def rules(self, queue: int) -> list[list[str]]:
+        """iptables rule specifications for this direction (*queue*: its NFQUEUE)."""
         if self.blackhole:
-            return ["drop"]
+            return [["-j", "DROP"]]
+        rules = []
         if self.loss_percent:
-            return [f"numgen random mod 10000 < {round(self.loss_percent * 100)} drop"]
-        return []
+            probability = f"{self.loss_percent / 100:.4f}"
+            rules.append(["-m", "statistic", "--mode", "random", "--probability", probability])
+            rules[-1] += ["-j", "DROP"]
+        if self.delay_ms or self.jitter_ms:
+            rules.append(["-j", "NFQUEUE", "--queue-num", str(queue), "--queue-bypass"])
+        return rules
 
 
 class NetNs(Service):
@@ -112,6 +134,7 @@ class NetNs(Service):
         self.host_ip = f"10.213.{octet}.1"
         self.ns_ip = f"10.213.{octet}.2"
         self._made: list[str] = []
+        self._delays: dict[int, DelayQueue] = {}
 
     async def start(self) -> None:
         check_possible()
@@ -134,6 +157,9 @@ class NetNs(Service):
         await asyncio.to_thread(self._stop)
 
     def _stop(self) -> None:
+        for delay in self._delays.values():
+            delay.stop()
+        self._delays.clear()
         if "link" in self._made:
             subprocess.run(["ip", "link", "del", self.host_if], capture_output=True, check=False)
         if "netns" in self._made:
@@ -146,42 +172,52 @@ class NetNs(Service):
         await asyncio.to_thread(self._shape, to_ns, to_host)
 
     def _shape(self, to_ns: Shape, to_host: Shape) -> None:
-        lines = [
-            "table inet amk {}",
-            "flush table inet amk",
-            "table inet amk {",
-            "  chain in { type filter hook input priority 0; policy accept;",
-            *(f"    iifname {self.ns_if} {rule}" for rule in to_ns.rules()),
-            "  }",
-            "  chain out { type filter hook output priority 0; policy accept;",
-            *(f"    oifname {self.ns_if} {rule}" for rule in to_host.rules()),
-            "  }",
-            "}",
-        ]
-        proc = subprocess.run(
-            ["ip", "netns", "exec", self.name, "nft", "-f", "-"],
-            input="\n".join(lines) + "\n",
-            capture_output=True,
-            text=True,
-            check=False,
-        )
-        if proc.returncode != 0:
-            raise NetNsError(f"nft in {self.name}: {proc.stderr.strip()}")
+        for queue, shape in ((QUEUE_TO_NS, to_ns), (QUEUE_TO_HOST, to_host)):
+            old = self._delays.pop(queue, None)
+            if old is not None:
+                old.stop()
+            if (shape.delay_ms or shape.jitter_ms) and not shape.blackhole:
+                delay = DelayQueue(self, queue, shape.delay_ms, shape.jitter_ms)
+                delay.start()
+                self._delays[queue] = delay
+        ipt = ["ip", "netns", "exec", self.name, "iptables-legacy", "-w"]
+        _run(*ipt, "-F", "INPUT")
+        _run(*ipt, "-F", "OUTPUT")
+        for rule in to_ns.rules(QUEUE_TO_NS):
+            _run(*ipt, "-A", "INPUT", "-i", self.ns_if, *rule)
+        for rule in to_host.rules(QUEUE_TO_HOST):
+            _run(*ipt, "-A", "OUTPUT", "-o", self.ns_if, *rule)
         log.info("netns: %s shaped: to it %s, back %s", self.name, to_ns, to_host)
 
     def listening_socket(self, port: int = 0) -> socket.socket:
         """A TCP socket listening on the namespace's address (made in the namespace)."""
-        result: list[socket.socket | BaseException] = []
-        thread = threading.Thread(target=self._make_socket, args=(port, result))
+
+        def make() -> socket.socket:
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((self.ns_ip, port))
+            sock.listen(16)
+            sock.setblocking(False)
+            return sock
+
+        return self.inside(make)
+
+    def inside(self, make: Callable[[], T]) -> T:
+        """Call *make* in a thread that has entered the namespace, and return what it made.
+
+        A socket made there stays in the namespace; so do threads it starts.
+        """
+        result: list[Any] = []
+        thread = threading.Thread(target=self._inside, args=(make, result), daemon=True)
         thread.start()
         thread.join()
         made = result[0]
         if isinstance(made, BaseException):
-            raise NetNsError(f"cannot listen in {self.name}: {made}") from made
-        return made
+            raise NetNsError(f"in {self.name}: {made}") from made
+        return made  # type: ignore[no-any-return]
 
-    def _make_socket(self, port: int, result: list[socket.socket | BaseException]) -> None:
-        """In a thread of its own: enter the namespace, make the socket, leave."""
+    def _inside(self, make: Callable[[], object], result: list[object]) -> None:
+        """The thread of :meth:`inside`: enter, make, leave (the thread ends anyway)."""
         libc = ctypes.CDLL(None, use_errno=True)
         home = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
         target = os.open(f"/run/netns/{self.name}", os.O_RDONLY)
@@ -189,17 +225,103 @@ class NetNs(Service):
             if libc.setns(target, CLONE_NEWNET) != 0:
                 raise OSError(ctypes.get_errno(), "setns into the namespace")
             try:
-                sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                sock.bind((self.ns_ip, port))
-                sock.listen(16)
-                sock.setblocking(False)
-                result.append(sock)
+                result.append(make())
             finally:
-                if libc.setns(home, CLONE_NEWNET) != 0:
-                    raise OSError(ctypes.get_errno(), "setns back")
+                libc.setns(home, CLONE_NEWNET)
         except BaseException as exc:  # handed to the caller's thread
             result.append(exc)
         finally:
             os.close(home)
             os.close(target)
+
+
+class DelayQueue:
+    """Holds each packet of an NFQUEUE for a delay with jitter, then lets it go.
+
+    What ``tc netem delay`` would do where there is no netem: the namespace's
+    nftables queue the packets (``queue num N bypass``), and a netlink
+    connection made in the namespace (fnfqueue) gives each its verdict when
+    its time has come. Jitter can reorder packets, as netem's does.
+    """
+
+    def __init__(self, ns: NetNs, queue: int, delay_ms: int, jitter_ms: int) -> None:
+        self.ns = ns
+        self.queue = queue
+        self.delay = delay_ms / 1000
+        self.jitter = jitter_ms / 1000
+        self._rng = random.Random(queue)
+        self._held: list[tuple[float, int, Any]] = []
+        self._order = itertools.count()
+        self._ready = threading.Condition()
+        self._conn: Any = None
+        self._threads: list[threading.Thread] = []
+        self._stopping = False
+        self.packets = 0
+
+    def start(self) -> None:
+        try:
+            import fnfqueue
+        except ImportError as exc:
+            raise NetNsError("a delay needs fnfqueue (pip install fnfqueue)") from exc
+
+        def connect() -> Any:
+            conn = fnfqueue.Connection()
+            queue = conn.bind(self.queue)
+            queue.set_mode(0xFFFF, fnfqueue.COPY_META)
+            return conn
+
+        self._conn = self.ns.inside(connect)
+        for target in (self._receive, self._release):
+            thread = threading.Thread(target=target, daemon=True)
+            thread.start()
+            self._threads.append(thread)
+        log.info(
+            "netns: delay %s ms +- %s ms on queue %d",
+            self.delay * 1000,
+            self.jitter * 1000,
+            self.queue,
+        )
+
+    def _receive(self) -> None:
+        try:
+            for packet in self._conn:
+                hold = max(0.0, self.delay + self._rng.uniform(-self.jitter, self.jitter))
+                with self._ready:
+                    heapq.heappush(self._held, (time.monotonic() + hold, next(self._order), packet))
+                    self.packets += 1
+                    self._ready.notify()
+        except Exception as exc:  # the connection closed, or overflowed
+            if not self._stopping:
+                log.warning("netns: delay queue %d stopped: %s", self.queue, exc)
+
+    def _release(self) -> None:
+        while True:
+            with self._ready:
+                while not self._stopping and (
+                    not self._held or self._held[0][0] > time.monotonic()
+                ):
+                    wait = self._held[0][0] - time.monotonic() if self._held else None
+                    self._ready.wait(wait)
+                if self._stopping:
+                    return
+                _, _, packet = heapq.heappop(self._held)
+            try:
+                packet.accept()
+            except Exception as exc:  # the connection closed under us
+                log.debug("netns: delay queue %d: %s", self.queue, exc)
+
+    def stop(self) -> None:
+        """Let every held packet go and stop (packets no longer queued pass: bypass)."""
+        with self._ready:
+            self._stopping = True
+            held, self._held = self._held, []
+            self._ready.notify_all()
+        for _, _, packet in held:
+            try:
+                packet.accept()
+            except Exception as exc:  # the connection closed under us
+                log.debug("netns: delay queue %d: %s", self.queue, exc)
+        if self._conn is not None:
+            self._conn.close()
+        for thread in self._threads:
+            thread.join(timeout=2)

@@ -77,7 +77,8 @@ def need(condition: bool, reason: str) -> None:
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
-        if (TESTS / "integration") in Path(str(item.fspath)).parents:
+        parents = Path(str(item.fspath)).parents
+        if TESTS / "integration" in parents or TESTS / "network" in parents:
             item.add_marker(pytest.mark.integration)
 
 
@@ -149,6 +150,26 @@ async def rig(
     or the bot server in front of the running services."""
     install = None if SERVICES else request.getfixturevalue("install")
     async with Rig(install, tmp_path, phone=phone, services=SERVICES) as r:
+        try:
+            yield r
+        finally:
+            if failed(request):
+                print(r.describe_logs())  # noqa: T201 - shown in the failure report
+    if not failed(request) and r.asterisk is not None:
+        r.asterisk.cleanup()
+
+
+@pytest.fixture
+async def local_rig(
+    request: pytest.FixtureRequest,
+    phone: SipPhone,
+    capture_ok: None,
+    install: Path,
+    tmp_path: Path,
+) -> AsyncIterator[Rig]:
+    """A fresh Asterisk (patched build) of this host, also where ``rig`` uses
+    running services: for tests that need its CLI or its log."""
+    async with Rig(install, tmp_path, phone=phone) as r:
         try:
             yield r
         finally:

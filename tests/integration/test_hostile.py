@@ -13,6 +13,7 @@ import contextlib
 import itertools
 import json
 import re
+import subprocess
 
 import pytest
 from websockets.exceptions import ConnectionClosed
@@ -39,7 +40,8 @@ MAX_FRAME_PAYLOAD = 65535 - 4
 def assert_valid_texts(s: BotSession) -> None:
     """Every text frame from Asterisk was valid, and a single line in plain text."""
     assert not s.protocol_errors, s.protocol_errors
-    assert not s.closed.is_set(), f"the connection closed (code {s.close_code})"
+    # Invalid UTF-8 makes the bot's WebSocket library fail the connection (1007).
+    assert s.close_code in (None, 1000, 1001), f"the connection closed (code {s.close_code})"
     if s.format is ControlFormat.PLAIN:
         split = [t for t in s.texts if CONTROL.search(t)]
         assert not split, f"plain-text events with control characters: {split!r}"
@@ -306,24 +308,32 @@ def largest_gap_ms(packets: list[RtpPacket]) -> float:
     return max((b - a for a, b in itertools.pairwise(times)), default=0.0) * 1000
 
 
-#: chan_websocket's debug line for a GET_STATUS it read, in either format.
-RECEIVED_STATUS = re.compile(r"Received: .*GET_STATUS")
+def unread_by_asterisk(bot_port: int) -> int:
+    """Bytes from the bot that Asterisk has yet to read: its socket's receive queue."""
+    out = subprocess.run(
+        ["ss", "-tnH", "state", "established", f"( dport = :{bot_port} )"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    return sum(int(line.split()[0]) for line in out.splitlines() if line.split())
 
 
 class Flood:
     """A bot stuck in a loop: it asks for STATUS over and over and reads nothing.
 
-    Asterisk's debug log (chan_websocket at level 5) tells how far it got: each
-    command it read, and each message it had to keep because the bot's
-    connection was full (the kernel's TCP buffers hold megabytes first).
+    Each batch waits until Asterisk has read all of it (its socket's receive
+    queue is empty); Asterisk's debug log (chan_websocket at level 5) tells
+    when it keeps messages for the bot because the kernel's TCP buffers, which
+    hold megabytes first, are full.
     """
 
-    def __init__(self, asterisk: Asterisk, session: BotSession) -> None:
+    def __init__(self, rig: Rig, asterisk: Asterisk, session: BotSession) -> None:
+        self.rig = rig
         self.asterisk = asterisk
         self.session = session
         self.offset = asterisk.log_offset()
         self.sent = 0
-        self.read = 0
         self.kept = 0
 
     @classmethod
@@ -331,21 +341,21 @@ class Flood:
         assert rig.asterisk is not None, "the flood reads Asterisk's log"
         await rig.asterisk.cli("core set debug 5 chan_websocket.so")
         session.pause_reading()
-        return cls(rig.asterisk, session)
+        return cls(rig, rig.asterisk, session)
 
     async def batch(self, count: int = 1000) -> None:
         """Send *count* GET_STATUS and wait until Asterisk has read them all."""
         for _ in range(count):
             await self.session.command("GET_STATUS")
         self.sent += count
+        transport = self.session.connection.transport
         deadline = asyncio.get_running_loop().time() + units(20)
-        while self.read < self.sent:
-            text, self.offset = self.asterisk.log_since(self.offset)
-            self.read += len(RECEIVED_STATUS.findall(text))
-            self.kept += text.count("The app's connection is busy")
+        while transport.get_write_buffer_size() or unread_by_asterisk(self.rig.bot.port):
             if asyncio.get_running_loop().time() > deadline:
-                raise AssertionError(f"Asterisk read {self.read} of {self.sent} commands")
+                raise AssertionError(f"Asterisk did not read the {self.sent} commands")
             await asyncio.sleep(0.02)
+        text, self.offset = self.asterisk.log_since(self.offset)
+        self.kept += text.count("The app's connection is busy")
 
     async def until_kept(self, limit: int = 100_000) -> None:
         """Flood until Asterisk keeps messages for the bot (its TCP buffers are full)."""
@@ -355,13 +365,14 @@ class Flood:
 
 
 async def test_a_bot_that_stops_reading_does_not_stall_the_caller(
-    rig: Rig, fmt: ControlFormat
+    local_rig: Rig, fmt: ControlFormat
 ) -> None:
     """The bot stops reading and floods commands until Asterisk's TCP buffers are
     full and Asterisk keeps what it sends, while its audio plays; then it reads
     again. The caller's RTP keeps its 20 ms grid, every mark is answered once,
     every STATUS arrives. (Upstream 22.10.1, the same flood: no RTP for 3.2 s,
     until the bot read again.)"""
+    rig = local_rig
     frames = 300
     async with rig.call(control_format=fmt) as call:
         s = call.session
@@ -389,12 +400,14 @@ async def test_a_bot_that_stops_reading_does_not_stall_the_caller(
         "largest RTP gap",
         f"{gap:.1f} ms",
     )
-    assert gap < 50, f"the caller's audio stalled for {gap:.0f} ms (one frame late is 40)"
+    # One frame late is a 40 ms gap; slow builds (AddressSanitizer) scale the bound.
+    assert gap < units(0.05) * 1000, f"the caller's audio stalled for {gap:.0f} ms"
     assert_valid_texts(s)
 
 
-async def test_a_bot_that_never_reads_again_is_disconnected(rig: Rig) -> None:
+async def test_a_bot_that_never_reads_again_is_disconnected(local_rig: Rig) -> None:
     """Past 1 MiB kept for it, Asterisk closes the connection, hangs up and says why."""
+    rig = local_rig
     assert rig.asterisk is not None
     async with rig.call() as call:
         s = call.session
@@ -413,9 +426,10 @@ async def test_a_bot_that_never_reads_again_is_disconnected(rig: Rig) -> None:
         await call.session.wait_mark("next")
 
 
-async def test_a_slow_bot_hears_the_fate_of_its_marks_at_hangup(rig: Rig) -> None:
+async def test_a_slow_bot_hears_the_fate_of_its_marks_at_hangup(local_rig: Rig) -> None:
     """The caller hangs up while events wait in Asterisk for a bot that had stopped
     reading; Asterisk gives it a second to read them, and it gets every MARK_CLEARED."""
+    rig = local_rig
     marks = 20
     async with rig.call() as call:
         s = call.session
