@@ -8,7 +8,7 @@ BUILD := scripts/asterisk-build.sh
 PYTEST_ARGS ?=
 
 .PHONY: all setup asterisk asterisk-upstream asterisk-master check-patches devcheck demo test \
-	unit lint test-asan fuzz bench clean distclean help docker-check docker-engine \
+	unit lint test-asan fuzz soak bench clean distclean help docker-check docker-engine \
 	docker-base docker-build docker-test docker-up
 
 all: help
@@ -29,6 +29,8 @@ help:
 	@echo "make test-asan        the real-call tests against an AddressSanitizer build"
 	@echo "make fuzz             fuzz the control protocol (FUZZ_MESSAGES per format,"
 	@echo "                      default 100000) against the AddressSanitizer build"
+	@echo "make soak             30 calls for 10 minutes (SOAK_CALLS, SOAK_MINUTES): marks,"
+	@echo "                      Asterisk's memory and file descriptors"
 	@echo "make bench            benchmark patched against upstream (a few minutes)"
 	@echo "make docker-check     lint docker/Dockerfile and validate the compose files (no engine)"
 	@echo "make docker-base      Debian base images: pulled, or built with debootstrap offline"
@@ -91,6 +93,14 @@ test: asterisk asterisk-upstream asterisk-master devcheck lint
 	@ASTERISK_PREFIX=$(CURDIR)/build/master/asterisk \
 		ASTERISK_UPSTREAM_PREFIX=$(CURDIR)/build/master/asterisk-upstream \
 		$(PY) -m pytest -m integration -p no:cacheprovider $(PYTEST_ARGS)
+
+# A soak (not part of make test, which runs a short one): SOAK_CALLS calls at
+# a time for SOAK_MINUTES; every mark answered once, Asterisk's RSS and file
+# descriptors flat (their slopes are printed).
+SOAK_CALLS ?= 30
+SOAK_MINUTES ?= 10
+soak: asterisk
+	@$(PY) -m harness soak --calls $(SOAK_CALLS) --minutes $(SOAK_MINUTES)
 
 bench: asterisk asterisk-upstream
 	@$(PY) -m harness bench --out results/latest --update-readme

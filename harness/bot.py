@@ -214,6 +214,16 @@ class BotSession:
         """Send a command in this session's control format."""
         await self.send_text(format_command(self.format, command, argument, **extra))
 
+    async def get_status(self, timeout: float | None = None) -> Event:
+        """Send ``GET_STATUS`` and return the ``STATUS`` that answers it.
+
+        Commands are answered in order, so once it is back, Asterisk has read
+        everything sent before it.
+        """
+        after = len(self.events) - 1
+        await self.command("GET_STATUS")
+        return await self.wait_for("STATUS", after=after, timeout=timeout)
+
     async def probe_marks(self, timeout: float | None = None) -> bool:
         """Whether the driver has MARK; asked once per session.
 

@@ -17,7 +17,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from harness import analysis, audio, bench, demobot, fuzz, report, tts
+from harness import analysis, audio, bench, demobot, fuzz, report, soak, tts
 from harness.asterisk import REPO_ROOT, AsteriskError, find_install
 from harness.bot import BotError
 from harness.caller import CallerError
@@ -169,6 +169,20 @@ async def fuzz_command(args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
+async def soak_command(args: argparse.Namespace) -> int:
+    say = Progress()
+    logdir = setup_logging("soak")
+    install = Path(args.install) if args.install else find_install("patched")
+    cfg = soak.SoakConfig(calls=args.calls, seconds=args.minutes * 60, seed=args.seed)
+    say(f"logs in {logdir}")
+    result = await soak.run(install, logdir, cfg, say)
+    print(f"result: {result.summary()}")
+    for failure in result.failed_calls[:20]:
+        print(f"  a call failed: {failure}")
+    print("result: " + ("OK" if result.ok else "FAILED"))
+    return 0 if result.ok else 1
+
+
 def bench_command(args: argparse.Namespace) -> int:
     say = Progress()
     logdir = setup_logging("bench")
@@ -264,6 +278,11 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--format", choices=["both", *(c.value for c in ControlFormat)], default="both")
     f.add_argument("--seed", type=int, help="the generator's seed (default: the time)")
     f.add_argument("--install", help="the Asterisk install prefix (default build/asterisk)")
+    so = sub.add_parser("soak", help="many concurrent calls for a long time; marks, RSS, fds")
+    so.add_argument("--calls", type=int, default=30, help="calls at a time (default 30)")
+    so.add_argument("--minutes", type=float, default=10.0, help="how long (default 10)")
+    so.add_argument("--seed", type=int, default=1)
+    so.add_argument("--install", help="the Asterisk install prefix (default build/asterisk)")
     return parser
 
 
@@ -278,6 +297,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return asyncio.run(bot_command(args))
         if args.command == "fuzz":
             return asyncio.run(fuzz_command(args))
+        if args.command == "soak":
+            return asyncio.run(soak_command(args))
     except (AsteriskError, BotError, CallerError, CaptureError, TimeoutError, OSError) as exc:
         print(f"astmarks: error: {exc}", file=sys.stderr)
         return 2

@@ -31,8 +31,9 @@ readonly RUNTIME_PACKAGES=(
 	libedit2 libjansson4 libsqlite3-0 libssl3 libuuid1 libxml2 libxslt1.1 libstdc++6
 	ca-certificates python3
 )
-# The harness: capture, the spoken prompt, the virtualenv.
-readonly TOOL_PACKAGES=(libpcap0.8 tcpdump espeak-ng sox python3-venv)
+# The harness: capture, the spoken prompt, the virtualenv, and the test hosts
+# of the network fault tests (ip netns, iptables' NFQUEUE and statistic, ss).
+readonly TOOL_PACKAGES=(libpcap0.8 tcpdump espeak-ng sox python3-venv iproute2 iptables)
 # Base images built from Debian's archive where no registry answers.
 readonly DOCKER_BASE_PACKAGES=(debootstrap)
 

@@ -10,6 +10,7 @@ see :class:`harness.rig.Services`.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from collections.abc import AsyncIterator, Generator, Iterator
@@ -139,6 +140,26 @@ async def phone(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[SipPh
         await sip.stop()
 
 
+@contextlib.asynccontextmanager
+async def _fresh_rig(
+    request: pytest.FixtureRequest,
+    install: Path | None,
+    phone: SipPhone,
+    tmp_path: Path,
+    services: Services | None = None,
+) -> AsyncIterator[Rig]:
+    """A rig for one test: its logs printed if the test failed, its sandbox
+    removed if it passed."""
+    async with Rig(install, tmp_path, phone=phone, services=services) as r:
+        try:
+            yield r
+        finally:
+            if failed(request):
+                print(r.describe_logs())  # noqa: T201 - shown in the failure report
+    if not failed(request) and r.asterisk is not None:
+        r.asterisk.cleanup()
+
+
 @pytest.fixture
 async def rig(
     request: pytest.FixtureRequest,
@@ -149,14 +170,8 @@ async def rig(
     """A fresh Asterisk (patched build) with the bot server, sharing the phone;
     or the bot server in front of the running services."""
     install = None if SERVICES else request.getfixturevalue("install")
-    async with Rig(install, tmp_path, phone=phone, services=SERVICES) as r:
-        try:
-            yield r
-        finally:
-            if failed(request):
-                print(r.describe_logs())  # noqa: T201 - shown in the failure report
-    if not failed(request) and r.asterisk is not None:
-        r.asterisk.cleanup()
+    async with _fresh_rig(request, install, phone, tmp_path, SERVICES) as r:
+        yield r
 
 
 @pytest.fixture
@@ -169,14 +184,8 @@ async def local_rig(
 ) -> AsyncIterator[Rig]:
     """A fresh Asterisk (patched build) of this host, also where ``rig`` uses
     running services: for tests that need its CLI or its log."""
-    async with Rig(install, tmp_path, phone=phone) as r:
-        try:
-            yield r
-        finally:
-            if failed(request):
-                print(r.describe_logs())  # noqa: T201 - shown in the failure report
-    if not failed(request) and r.asterisk is not None:
-        r.asterisk.cleanup()
+    async with _fresh_rig(request, install, phone, tmp_path) as r:
+        yield r
 
 
 @pytest.fixture(autouse=True)

@@ -13,6 +13,7 @@ import contextlib
 import itertools
 import json
 import re
+import struct
 import subprocess
 
 import pytest
@@ -163,9 +164,7 @@ async def test_the_queue_limit_holds_within_a_message(rig: Rig, fmt: ControlForm
         for k in range(3):
             await s.send_audio(audio.tagged_frames(k * 375, message // FRAME))
         error = await s.wait_for("ERROR")
-        after = len(s.events) - 1
-        await s.command("GET_STATUS")
-        status = await s.wait_for("STATUS", after=after)
+        status = await s.get_status()
         await s.command("FLUSH_MEDIA")
         flushed = await s.wait_for("MEDIA_FLUSHED")
     assert status.get_int("queue_length") == 1000
@@ -184,9 +183,7 @@ async def test_a_frame_at_the_receive_limit_is_accepted(rig: Rig) -> None:
         assert await s.probe_marks()
         await s.command("PAUSE_MEDIA")
         await s.send_audio(data)
-        after = len(s.events) - 1
-        await s.command("GET_STATUS")
-        status = await s.wait_for("STATUS", after=after)
+        status = await s.get_status()
     assert status.get_int("queued_ms") == audio.CODECS["ulaw"].ms(MAX_FRAME_PAYLOAD)
     assert_valid_texts(s)
 
@@ -217,9 +214,7 @@ async def test_a_large_message_sent_in_fragments_is_queued_whole(rig: Rig, size:
         assert await s.probe_marks()
         await s.command("PAUSE_MEDIA")
         await s.connection.send(fragments)
-        after = len(s.events) - 1
-        await s.command("GET_STATUS")
-        status = await s.wait_for("STATUS", after=after)
+        status = await s.get_status()
         await s.command("CONTINUE_MEDIA")
         await s.command("MARK", "end")
         await asyncio.sleep(0.5)
@@ -229,6 +224,25 @@ async def test_a_large_message_sent_in_fragments_is_queued_whole(rig: Rig, size:
     indexes = [audio.frame_index(p.payload) for p in call.packets]
     assert indexes == list(range(len(indexes))), "the fragments were played in order"
     assert_valid_texts(s)
+
+
+@pytest.mark.parametrize("opcode", [0x82, 0x89], ids=["binary", "ping"])
+async def test_a_frame_length_that_would_wrap_ends_the_call(local_rig: Rig, opcode: int) -> None:
+    """A frame header whose 64-bit length wraps the frame's size: refused (1009)
+    like any frame over the limit, with nothing read into memory past it."""
+    rig = local_rig
+    assert rig.asterisk is not None
+    header = bytes([opcode, 127]) + struct.pack("!Q", 0xFFFFFFFFFFFFFFF2)
+    async with rig.call() as call:
+        s = call.session
+        await s.command("MARK", "before")
+        await s.wait_mark("before")
+        s.connection.transport.write(header + b"x" * 32)
+        await call.sip.wait_disconnected()
+    assert rig.asterisk.running, "Asterisk is still up"
+    async with rig.call() as call:
+        await call.session.command("MARK", "next")
+        await call.session.wait_mark("next")
 
 
 async def test_a_long_text_message_in_fragments_is_refused_whole(rig: Rig) -> None:
@@ -242,9 +256,7 @@ async def test_a_long_text_message_in_fragments_is_refused_whole(rig: Rig) -> No
         await s.send_audio(audio.tagged_frames(0, 5))
         await s.command("MARK", "pending")
         await s.connection.send(["x" * 1100, "FLUSH_MEDIA"])
-        after = len(s.events) - 1
-        await s.command("GET_STATUS")
-        status = await s.wait_for("STATUS", after=after)
+        status = await s.get_status()
         await s.command("CONTINUE_MEDIA")
         await s.wait_mark("pending")
     errors = s.named("ERROR")
@@ -277,9 +289,7 @@ async def test_positions_are_exact_for_every_codec(rig: Rig, codec: str) -> None
         await s.send_audio(rest)
         await s.command("MARK", "end")
         mark = await s.wait_mark("end")
-        after = len(s.events) - 1
-        await s.command("GET_STATUS")
-        status = await s.wait_for("STATUS", after=after)
+        status = await s.get_status()
         await s.command("FLUSH_MEDIA")
         flushed = await s.wait_for("MEDIA_FLUSHED")
         await asyncio.sleep(0.1)
@@ -382,9 +392,12 @@ async def test_a_bot_that_stops_reading_does_not_stall_the_caller(
             await s.command("MARK", f"m{k}")
         flood = await Flood.start(rig, s)
         await flood.until_kept()
+        # A PING now: its PONG can't be written either, and must not wait.
+        pong = await s.connection.ping(b"still there?")
         await flood.batch(500)  # more for the backlog, well under its 1 MiB
         await asyncio.sleep(0.5)
         s.resume_reading()
+        await asyncio.wait_for(pong, units(10))
         await s.wait_mark(f"m{frames // 10 - 1}", timeout=units(20))
         await s.wait_for("STATUS", lambda e: len(s.named("STATUS")) >= flood.sent, timeout=20)
         await asyncio.sleep(0.2)
