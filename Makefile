@@ -96,11 +96,11 @@ test: asterisk asterisk-upstream asterisk-master devcheck lint
 
 # A soak (not part of make test, which runs a short one): SOAK_CALLS calls at
 # a time for SOAK_MINUTES; every mark answered once, Asterisk's RSS and file
-# descriptors flat (their slopes are printed).
+# descriptors flat (their slopes are printed). SOAK_ARGS=--no-marks: a baseline.
 SOAK_CALLS ?= 30
 SOAK_MINUTES ?= 10
 soak: asterisk
-	@$(PY) -m harness soak --calls $(SOAK_CALLS) --minutes $(SOAK_MINUTES)
+	@$(PY) -m harness soak --calls $(SOAK_CALLS) --minutes $(SOAK_MINUTES) $(SOAK_ARGS)
 
 bench: asterisk asterisk-upstream
 	@$(PY) -m harness bench --out results/latest --update-readme

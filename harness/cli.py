@@ -173,7 +173,9 @@ async def soak_command(args: argparse.Namespace) -> int:
     say = Progress()
     logdir = setup_logging("soak")
     install = Path(args.install) if args.install else find_install("patched")
-    cfg = soak.SoakConfig(calls=args.calls, seconds=args.minutes * 60, seed=args.seed)
+    cfg = soak.SoakConfig(
+        calls=args.calls, seconds=args.minutes * 60, seed=args.seed, marks=not args.no_marks
+    )
     say(f"logs in {logdir}")
     result = await soak.run(install, logdir, cfg, say)
     print(f"result: {result.summary()}")
@@ -282,6 +284,9 @@ def build_parser() -> argparse.ArgumentParser:
     so.add_argument("--calls", type=int, default=30, help="calls at a time (default 30)")
     so.add_argument("--minutes", type=float, default=10.0, help="how long (default 10)")
     so.add_argument("--seed", type=int, default=1)
+    so.add_argument(
+        "--no-marks", action="store_true", help="the same calls without marks (a baseline)"
+    )
     so.add_argument("--install", help="the Asterisk install prefix (default build/asterisk)")
     return parser
 

@@ -48,6 +48,8 @@ class SoakConfig:
     #: How often Asterisk's RSS and file descriptors are sampled.
     sample_every: float = 5.0
     seed: int = 1
+    #: A MARK after every frame; without, the same calls with no marks (a baseline).
+    marks: bool = True
 
 
 @dataclass
@@ -154,9 +156,10 @@ async def stream(s: BotSession, seconds: float, cfg: SoakConfig, rng: random.Ran
         if delay > 0:
             await asyncio.sleep(delay)
         await s.send_audio(audio.tagged_frame(k))
-        mark = f"{s.tag}-{k}"
-        await s.command("MARK", mark)
-        sent.append(mark)
+        if cfg.marks:
+            mark = f"{s.tag}-{k}"
+            await s.command("MARK", mark)
+            sent.append(mark)
         if time.monotonic() >= next_flush:
             await s.command("FLUSH_MEDIA")
             next_flush = time.monotonic() + rng.uniform(*cfg.flush_every)

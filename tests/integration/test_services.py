@@ -42,11 +42,15 @@ class Running:
     bot_log: Path | None  # the demo bot's output, when it runs here
 
 
-async def _until_healthy(install: Path, conf: Path, proc: asyncio.subprocess.Process) -> None:
+async def _until_healthy(
+    install: Path, conf: Path, proc: asyncio.subprocess.Process, log_path: Path
+) -> None:
     """The Docker image's HEALTHCHECK: ``asterisk -rx 'core waitfullybooted'``."""
     deadline = asyncio.get_running_loop().time() + units(30)
     while True:
-        assert proc.returncode is None, f"harness.serve exited with status {proc.returncode}"
+        assert proc.returncode is None, (
+            f"harness.serve exited with status {proc.returncode}; its output:\n{tail(log_path)}"
+        )
         check = await asyncio.create_subprocess_exec(
             str(install / "sbin" / "asterisk"),
             "-C",
@@ -118,7 +122,7 @@ async def running(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterat
         dict(os.environ),
     )
     try:
-        await _until_healthy(install, sandbox / "etc" / "asterisk.conf", ast)
+        await _until_healthy(install, sandbox / "etc" / "asterisk.conf", ast, ast_log)
         services = Services(
             LOOPBACK,
             sip_port,
