@@ -397,9 +397,12 @@ async def test_marks_are_refused_in_passthrough_mode(rig: Rig, fmt: ControlForma
     assert [audio.frame_index(p.payload) for p in call.packets][:5] == list(range(5))
 
 
-async def test_mark_media_keeps_its_wire_format_and_gains_exact_timing(
+async def test_mark_media_keeps_its_wire_format_and_its_timing(
     rig: Rig, fmt: ControlFormat
 ) -> None:
+    """MEDIA_MARK_PROCESSED keeps upstream's timing, one tick after its frame:
+    apps rely on it (upstream's testsuite counts the echo complete by then);
+    MARK is the exact one."""
     sent = audio.tagged_frames(0, 10)
     async with rig.call(control_format=fmt) as call:
         s = call.session
@@ -424,7 +427,8 @@ async def test_mark_media_keeps_its_wire_format_and_gains_exact_timing(
     times = analysis.departures(call.packets, analysis.split_frames(sent))
     error_ms = (compat.t - times[9]) * 1000  # type: ignore[operator]
     report(f"MEDIA_MARK_PROCESSED - RTP, patched ({fmt.value})", f"{error_ms:+.2f} ms")
-    assert abs(error_ms) < 15
+    # Upstream: +20.1 to +21.6 ms (one ptime); loose bounds for a noisy machine.
+    assert 10 < error_ms < 45
 
 
 async def test_report_progress(rig: Rig, fmt: ControlFormat) -> None:

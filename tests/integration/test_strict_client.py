@@ -7,9 +7,9 @@ message against upstream's own formats (the events and fields upstream's
 chan_websocket.c can send, nothing more), runs a whole session of upstream's
 commands, and the same session on the unpatched build of the same source must
 produce the same messages, byte for byte once channel names and ids are
-masked. The one change an existing app sees is when MEDIA_MARK_PROCESSED
-arrives (a tick earlier), which no message shows; and one deliberate fix in
-the messages: upstream's ERROR texts for SET_MEDIA_DIRECTION end in a raw
+masked (their timing, one tick after the media before them, is upstream's
+too: tests/upstream runs upstream's testsuite, which relies on it). One
+deliberate fix in the messages: upstream's ERROR texts for SET_MEDIA_DIRECTION end in a raw
 newline, which splits a plain-text event for a line reader (the series
 removes it, so the comparison ignores white space at the end of an ERROR).
 """
