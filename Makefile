@@ -8,7 +8,7 @@ BUILD := scripts/asterisk-build.sh
 PYTEST_ARGS ?=
 
 .PHONY: all setup asterisk asterisk-upstream asterisk-master check-patches devcheck demo test \
-	unit lint test-asan fuzz soak bench clean distclean help docker-check docker-engine \
+	unit lint test-asan fuzz soak upstream-testsuite bench clean distclean help docker-check docker-engine \
 	docker-base docker-build docker-test docker-up
 
 all: help
@@ -24,6 +24,8 @@ help:
 	@echo "make check-patches    check that asterisk-patch/series applies, without building"
 	@echo "                      (TREE=/path/to/asterisk or SNAPSHOT=file.tar.xz: to that source)"
 	@echo "make devcheck         compile chan_websocket.c with dev-mode flags (-Werror)"
+	@echo "make upstream-testsuite  upstream's chan_websocket tests and ours (asterisk-patch/"
+	@echo "                      testsuite) on the four builds, in a PID namespace"
 	@echo "make unit             unit tests only (no Asterisk)"
 	@echo "make lint             ruff and mypy"
 	@echo "make test-asan        the real-call tests against an AddressSanitizer build"
@@ -82,7 +84,7 @@ lint: setup
 	@$(VENV)/bin/mypy
 
 unit: setup
-	@$(PY) -m pytest -m "not integration" $(PYTEST_ARGS)
+	@$(PY) -m pytest -m "not integration and not testsuite" $(PYTEST_ARGS)
 
 # Everything against 22.10.1 (build/asterisk*), then the real-call suite
 # again against master (build/master/*), each build with its own series.
@@ -93,6 +95,13 @@ test: asterisk asterisk-upstream asterisk-master devcheck lint
 	@ASTERISK_PREFIX=$(CURDIR)/build/master/asterisk \
 		ASTERISK_UPSTREAM_PREFIX=$(CURDIR)/build/master/asterisk-upstream \
 		$(PY) -m pytest -m integration -p no:cacheprovider $(PYTEST_ARGS)
+
+# Upstream's testsuite (asterisk/testsuite, the pinned snapshot beside the
+# checkout): its chan_websocket tests and ours (asterisk-patch/testsuite)
+# against the four builds, each run in PID and mount namespaces of its own.
+# make test runs it too (tests/upstream).
+upstream-testsuite: asterisk asterisk-upstream asterisk-master
+	@$(PY) -m harness upstream-testsuite
 
 # A soak (not part of make test, which runs a short one): SOAK_CALLS calls at
 # a time for SOAK_MINUTES; every mark answered once, Asterisk's RSS and file

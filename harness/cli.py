@@ -12,12 +12,13 @@ import json
 import logging
 import os
 import signal
+import subprocess
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from harness import analysis, audio, bench, demobot, fuzz, report, soak, tts
+from harness import analysis, audio, bench, demobot, fuzz, report, soak, testsuite, tts
 from harness.asterisk import REPO_ROOT, AsteriskError, find_install
 from harness.bot import BotError
 from harness.caller import CallerError
@@ -185,6 +186,35 @@ async def soak_command(args: argparse.Namespace) -> int:
     return 0 if result.ok else 1
 
 
+def testsuite_command(args: argparse.Namespace) -> int:
+    say = Progress()
+    logdir = setup_logging("upstream-testsuite")
+    say(f"upstream's testsuite, {testsuite.TESTS_DIR}; logs in {logdir}")
+    builds = [
+        b
+        for b in testsuite.DEFAULT_BUILDS
+        if not args.build or any(x in b.label for x in args.build)
+    ]
+    if not builds:
+        names = ", ".join(b.label for b in testsuite.DEFAULT_BUILDS)
+        print(
+            f"astmarks: error: no build matches {args.build}: the builds are {names}",
+            file=sys.stderr,
+        )
+        return 2
+    results = testsuite.run(builds, only=args.only or (), say=say)
+    print()
+    print(testsuite.summary(results))
+    found = testsuite.problems(results)
+    for problem in found:
+        print(f"  PROBLEM: {problem}")
+    print(
+        "result: "
+        + ("FAILED" if found else "OK: upstream's tests pass everywhere, ours only with the series")
+    )
+    return 1 if found else 0
+
+
 def bench_command(args: argparse.Namespace) -> int:
     say = Progress()
     logdir = setup_logging("bench")
@@ -288,6 +318,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-marks", action="store_true", help="the same calls without marks (a baseline)"
     )
     so.add_argument("--install", help="the Asterisk install prefix (default build/asterisk)")
+    ts = sub.add_parser(
+        "upstream-testsuite",
+        help="upstream's chan_websocket tests (and ours, asterisk-patch/testsuite) on each build",
+    )
+    ts.add_argument(
+        "--build", action="append", help="only the builds whose label has this (repeatable)"
+    )
+    ts.add_argument(
+        "--only", action="append", help="only the tests whose path has this (repeatable)"
+    )
     return parser
 
 
@@ -304,6 +344,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             return asyncio.run(fuzz_command(args))
         if args.command == "soak":
             return asyncio.run(soak_command(args))
+        if args.command == "upstream-testsuite":
+            return testsuite_command(args)
+    except (testsuite.TestsuiteError, subprocess.CalledProcessError) as exc:
+        print(f"astmarks: error: {exc}", file=sys.stderr)
+        return 2
     except (AsteriskError, BotError, CallerError, CaptureError, TimeoutError, OSError) as exc:
         print(f"astmarks: error: {exc}", file=sys.stderr)
         return 2

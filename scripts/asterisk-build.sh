@@ -58,8 +58,8 @@ readonly DSC_SHA256=8799652c4e2fc4bb4d6610b0f7144a9945bcff847d0185fb10fca20de053
 # its own asterisk.conf, so where the tree is really installed does not matter.
 readonly PREFIX=/opt/asterisk-marks
 
-# Profile "test": the modules the harness needs; everything else is left out
-# to keep builds short.
+# Profile "test": the modules the harness and upstream's websocket tests
+# need; everything else is left out to keep builds short.
 readonly TEST_MODULES=(
 	app_dial app_echo pbx_config
 	bridge_simple bridge_native_rtp bridge_builtin_features
@@ -73,6 +73,9 @@ readonly TEST_MODULES=(
 	res_pjsip_caller_id res_pjsip_pubsub res_pjsip_outbound_authenticator_digest
 	res_rtp_asterisk res_sorcery_config res_sorcery_memory res_sorcery_astdb
 	res_sorcery_realtime res_crypto res_format_attr_opus
+	# What upstream's testsuite uses around its chan_websocket tests
+	# (make upstream-testsuite): ARI and Stasis, CLI originate
+	'res_ari*' 'res_stasis*' app_stasis res_clioriginate
 )
 # Profile "deployment": what a voice-bot deployment uses. Patterns are
 # matched against the source's own module list (menuselect), so the profile

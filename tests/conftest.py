@@ -81,6 +81,8 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         parents = Path(str(item.fspath)).parents
         if TESTS / "integration" in parents or TESTS / "network" in parents:
             item.add_marker(pytest.mark.integration)
+        if TESTS / "upstream" in parents:
+            item.add_marker(pytest.mark.testsuite)
 
 
 @pytest.hookimpl(wrapper=True)
