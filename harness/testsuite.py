@@ -76,9 +76,13 @@ RUNTESTS_SILENCE = 120
 class TestsuiteError(RuntimeError):
     """The testsuite could not be set up or run."""
 
+    __test__ = False  # not a pytest test class
+
 
 @dataclass
 class TestResult:
+    __test__ = False  # not a pytest test class
+
     name: str
     #: One of upstream's tests (in the snapshot), not one our series adds.
     upstream: bool
