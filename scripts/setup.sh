@@ -31,9 +31,12 @@ readonly RUNTIME_PACKAGES=(
 	libedit2 libjansson4 libsqlite3-0 libssl3 libuuid1 libxml2 libxslt1.1 libstdc++6
 	ca-certificates python3
 )
-# The harness: capture, the spoken prompt, the virtualenv, and the test hosts
-# of the network fault tests (ip netns, iptables' NFQUEUE and statistic, ss).
-readonly TOOL_PACKAGES=(libpcap0.8 tcpdump espeak-ng sox python3-venv iproute2 iptables)
+# The harness: capture, the spoken prompt, the virtualenv, the test hosts
+# of the network fault tests (ip netns, iptables' NFQUEUE and statistic, ss),
+# and upstream's testsuite (its virtualenv builds netifaces; runtests.py
+# calls killall).
+readonly TOOL_PACKAGES=(libpcap0.8 tcpdump espeak-ng sox python3-venv iproute2 iptables
+	python3-dev psmisc)
 # Base images built from Debian's archive where no registry answers.
 readonly DOCKER_BASE_PACKAGES=(debootstrap)
 
