@@ -17,10 +17,10 @@ series in ``asterisk-patch/testsuite/``:
    only its own processes, and its clean-up of ``/var/run/asterisk`` and of
    core files in ``/tmp`` touches private copies;
 4. ``asterisk-test-suite-report.xml`` gives each test's result; the logs of
-   a failed test are kept under ``build/upstream-testsuite/logs/<build>/``.
+   every test are kept under ``build/upstream-testsuite/logs/<build>/``.
 
 ``make upstream-testsuite`` prints a table of passes per build;
-``tests/integration/test_upstream_testsuite.py`` asserts them.
+``tests/upstream/test_upstream_testsuite.py`` asserts them.
 """
 
 from __future__ import annotations
@@ -314,7 +314,7 @@ def run_build(
     upstream_tests: set[str],
     work: Path = WORK,
 ) -> BuildResult:
-    """Run *tests* against one build; the results, and the logs of failed tests kept."""
+    """Run *tests* against one build; the results, and the logs of every test kept."""
     label, install = build.label, build.install
     slug = label.replace(" ", "-").replace(".", "")
     root = make_root(install, work / "roots" / slug)
