@@ -146,7 +146,9 @@ class StreamMap:
     sends a partial frame padded with silence, so frame boundaries move;
     byte offsets do not. Each payload is aligned with *sent* (the stream
     the bot sent, from offset 0): the bytes that match are the bot's, a
-    tail of μ-law silence after them is padding.
+    tail of μ-law silence after them is padding, and so is silence before
+    them where a mixer's tick began before the stream did. In a mixing
+    bridge pass the stream as the caller gets it (:func:`audio.through_slin`).
     """
 
     def __init__(self, packets: Sequence[RtpPacket], sent: bytes) -> None:
@@ -162,6 +164,18 @@ class StreamMap:
         ambiguous = 0
         for p in ordered:
             n = _common_prefix(p.payload, sent, offset)
+            lead = 0
+            if n == 0 and (lead := _leading_silence(p.payload, sent, offset)):
+                # Padding, then the stream: a mixer's tick that began before
+                # the stream did (or resumed).
+                self.padding += lead
+                self.starts.append(offset)
+                self.times.append(p.t)
+                n = _common_prefix(p.payload[lead:], sent, offset)
+                offset += n
+                self.padding += len(p.payload) - lead - n
+                ambiguous = 0
+                continue
             if not _is_stream_then_padding(p.payload, n):
                 # Step back over silence taken for stream bytes, or skip bytes
                 # that never reached RTP (upstream drops partial frames).
@@ -218,6 +232,16 @@ def _resync(payload: bytes, sent: bytes, start: int) -> tuple[int, int]:
             return found, n
         found = sent.find(head, found + 1, end)
     return -1, 0
+
+
+def _leading_silence(payload: bytes, sent: bytes, offset: int) -> int:
+    """How many bytes of silence *payload* starts with, if the stream follows
+    them from *offset* (then only silence); 0 if it does not."""
+    rest = payload.lstrip(bytes([ULAW_SILENCE]))
+    lead = len(payload) - len(rest)
+    if not lead or not rest:
+        return 0
+    return lead if _is_stream_then_padding(rest, _common_prefix(rest, sent, offset)) else 0
 
 
 def _is_stream_then_padding(payload: bytes, n: int) -> bool:

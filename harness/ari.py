@@ -8,7 +8,9 @@ channel with ``POST /channels/externalMedia?transport=websocket`` and bridges
 the two. The caller's chan_websocket options (the Stasis arguments, from the
 ``X-WS-Options`` header) go to the WebSocket channel as ``transport_data``,
 so a rig can pair the bot's session with its SIP call as it does for
-``Dial(WebSocket/...)``.
+``Dial(WebSocket/...)``. A :class:`MediaPlan` per call chooses how: Asterisk
+connecting out to the bot or the bot connecting in, and the bridge (two
+parties, softmix forced, or a silent third party in it).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import json
 import logging
 import os
 import re
-from collections.abc import Coroutine, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlencode, urlsplit
@@ -28,6 +30,7 @@ import httpx
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
+from harness.config import CALL_HEADER, DIALPLAN_CONTEXT, HOLD_EXTENSION
 from harness.service import Service
 from harness.timing import units
 
@@ -48,6 +51,9 @@ class AriSettings:
     user: str
     password: str
     app: str
+    #: Receive every channel's events, not only those of the app's channels
+    #: (``subscribeAll``): a dialplan's UserEvents, say.
+    subscribe_all: bool = False
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] = os.environ) -> AriSettings | None:
@@ -71,7 +77,10 @@ class AriSettings:
     def events_uri(self) -> str:
         parts = urlsplit(self.url)
         scheme = "wss" if parts.scheme == "https" else "ws"
-        query = urlencode({"app": self.app, "api_key": f"{self.user}:{self.password}"})
+        params = {"app": self.app, "api_key": f"{self.user}:{self.password}"}
+        if self.subscribe_all:
+            params["subscribeAll"] = "true"
+        query = urlencode(params)
         return f"{scheme}://{parts.netloc}/ari/events?{query}"
 
 
@@ -194,6 +203,31 @@ def _field(event: Json, key: str) -> object:
 
 _CODEC = re.compile(r"c\(([^)]*)\)")
 
+#: The Stasis argument of the app's own third parties (not calls to serve).
+THIRD_PARTY_ARG = "harness-third-party"
+
+#: What the app calls with (call tag, connection id) when it has created a
+#: WebSocket channel that waits for the bot to connect in; it returns once the
+#: bot is connected.
+ConnectIn = Callable[[str | None, str], Awaitable[None]]
+
+
+@dataclass(frozen=True)
+class MediaPlan:
+    """How the app gives one call its bot.
+
+    *connection_type* is externalMedia's: ``client`` (Asterisk connects to
+    the websocket_client connection) or ``server`` (a ``WebSocket/INCOMING``
+    channel: the bot connects in to ``/media/<connection_id>``). *bridge_type*
+    is ARI's bridge type (``mixing`` picks simple_bridge for two parties;
+    ``mixing,video_sfu`` forces softmix). *third_party*: a silent Local channel
+    joins the bridge before the bot, so even a plain mixing bridge mixes.
+    """
+
+    connection_type: str = "client"
+    bridge_type: str = "mixing"
+    third_party: bool = False
+
 
 @dataclass
 class BridgedCall:
@@ -205,23 +239,42 @@ class BridgedCall:
     options: str
     #: The bridge technology Asterisk chose (simple_bridge, softmix, ...).
     technology: str
+    plan: MediaPlan = MediaPlan()
+    #: chan_websocket's connection id (``server``: the bot connected to it).
+    connection_id: str | None = None
+    third_party_channel_id: str | None = None
+    #: The caller's call tag (``X-Harness-Call``), if it has one.
+    tag: str | None = None
 
 
 class ExternalMediaApp(Service):
     """Bridge every call that enters the app with an externalMedia WebSocket channel.
 
     *connection* is the websocket_client.conf connection Asterisk dials (the
-    bot); *bridge_type* is ARI's (``mixing``; ``mixing,video_sfu`` forces a
-    softmix bridge). Each call is handled in a task of its own; when the
-    caller leaves, its media channel is hung up and its bridge destroyed, and
-    :meth:`stop` does the same for calls still up.
+    bot) for ``client`` plans; *plan* is the default :class:`MediaPlan`, and
+    :attr:`plans` holds plans per call tag (the caller's ``X-Harness-Call``
+    header, read through ARI). *connect_in* is called for ``server`` plans.
+    Each call is handled in a task of its own; when the caller or the bot's
+    channel leaves, what the call created is deleted (the other side is hung
+    up, as ``Dial`` does), and :meth:`stop` does the same for calls still up.
     """
 
-    def __init__(self, ari: Ari, connection: str, bridge_type: str = "mixing") -> None:
+    def __init__(
+        self,
+        ari: Ari,
+        connection: str,
+        bridge_type: str = "mixing",
+        *,
+        plan: MediaPlan | None = None,
+        connect_in: ConnectIn | None = None,
+    ) -> None:
         self.ari = ari
         self.connection = connection
-        self.bridge_type = bridge_type
+        self.plan = plan or MediaPlan(bridge_type=bridge_type)
+        self.plans: dict[str, MediaPlan] = {}
+        self.connect_in = connect_in
         self.calls: dict[str, BridgedCall] = {}
+        self._bridged = asyncio.Condition()
         self.errors: list[str] = []
         self._serving: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
@@ -252,62 +305,163 @@ class ExternalMediaApp(Service):
                 continue  # no call for an hour, or the event stream ended
             start = index + 1
             channel = event["channel"]
-            if not channel["name"].startswith("WebSocket/"):  # not our own media channel
-                self._spawn(self._handle(channel["id"], ",".join(event.get("args", []))))
+            args = event.get("args", [])
+            # Not our own media channels or third parties.
+            if not channel["name"].startswith("WebSocket/") and args[:1] != [THIRD_PARTY_ARG]:
+                self._spawn(self._handle(channel["id"], ",".join(args)))
 
     async def _handle(self, channel_id: str, options: str) -> None:
         """One call: bridge it, then clean up after it once the caller leaves."""
         try:
-            await self._bridge(channel_id, options)
-            await self.ari.wait_event("StasisEnd", channel_id=channel_id, timeout=86400)
+            call = await self._bridge(channel_id, options)
+            # The call ends when either side leaves, as with Dial().
+            ends = [
+                asyncio.ensure_future(self.ari.wait_event("StasisEnd", channel_id=c, timeout=86400))
+                for c in (channel_id, call.media_channel_id)
+            ]
+            try:
+                await asyncio.wait(ends, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for end in ends:
+                    end.cancel()
+                await asyncio.gather(*ends, return_exceptions=True)
         except asyncio.CancelledError:
             raise
         except AriError as exc:
             if channel_id not in self.calls:
                 log.error("ari: cannot bridge %s: %s", channel_id, exc)
-                self.errors.append(str(exc))
+                await self._fail(str(exc))
         except Exception as exc:
             log.exception("ari: call %s failed", channel_id)
-            self.errors.append(f"{channel_id}: {exc!r}")
+            await self._fail(f"{channel_id}: {exc!r}")
         await self._clean_up(channel_id)
+
+    async def _call_tag(self, channel_id: str) -> str | None:
+        """The caller's ``X-Harness-Call`` header, if it has one."""
+        try:
+            found = await self.ari.request(
+                "GET",
+                f"/channels/{channel_id}/variable",
+                variable=f"PJSIP_HEADER(read,{CALL_HEADER})",
+            )
+        except AriError:
+            return None
+        value = (found or {}).get("value")
+        return str(value) if value else None
 
     async def _bridge(self, channel_id: str, options: str) -> BridgedCall:
         ari = self.ari
         created = self._created.setdefault(channel_id, [f"/channels/{channel_id}"])
+        tag = await self._call_tag(channel_id) if self.plans or self.connect_in else None
+        plan = self.plans.get(tag or "", self.plan)
         codec = m.group(1) if (m := _CODEC.search(options)) else "ulaw"
         await ari.post(f"/channels/{channel_id}/answer")
-        bridge = await ari.post("/bridges", type=self.bridge_type)
+        bridge = await ari.post("/bridges", type=plan.bridge_type)
         assert bridge is not None
         created.insert(0, f"/bridges/{bridge['id']}")
         await ari.post(f"/bridges/{bridge['id']}/addChannel", channel=channel_id)
+        third_party = None
+        if plan.third_party:
+            third_party = await self._add_third_party(bridge["id"], created)
         mark = len(ari.events)
+        where = (
+            {"external_host": self.connection}
+            if plan.connection_type == "client"
+            else {"connection_type": "server"}
+        )
         media = await ari.post(
             "/channels/externalMedia",
             app=ari.app,
-            external_host=self.connection,
             transport="websocket",
             encapsulation="none",
             format=codec,
             transport_data=options,
+            **where,
         )
         assert media is not None
         created.insert(0, f"/channels/{media['id']}")
-        # It enters the app once chan_websocket has connected to the bot.
+        connection_id = (media.get("channelvars") or {}).get("MEDIA_WEBSOCKET_CONNECTION_ID")
+        if plan.connection_type == "server":
+            if connection_id is None or self.connect_in is None:
+                raise AriError(
+                    f"externalMedia server channel {media['id']}: "
+                    + ("no MEDIA_WEBSOCKET_CONNECTION_ID" if connection_id is None else "no bot")
+                )
+            await self.connect_in(tag, connection_id)
+        # It enters the app once the bot is connected (and the channel answered).
         await ari.wait_event("StasisStart", start=mark, channel_id=media["id"])
         await ari.post(f"/bridges/{bridge['id']}/addChannel", channel=media["id"])
         now = await ari.request("GET", f"/bridges/{bridge['id']}")
         technology = str((now or {}).get("technology", "?"))
-        call = BridgedCall(channel_id, media["id"], bridge["id"], options, technology)
-        self.calls[channel_id] = call
-        log.info(
-            "ari: %s bridged with %s in a %s bridge %s (%s)",
+        call = BridgedCall(
             channel_id,
             media["id"],
+            bridge["id"],
+            options,
+            technology,
+            plan,
+            connection_id,
+            third_party,
+            tag,
+        )
+        async with self._bridged:
+            self.calls[channel_id] = call
+            self._bridged.notify_all()
+        log.info(
+            "ari: %s bridged with %s (%s) in a %s bridge %s%s (%s)",
+            channel_id,
+            media["id"],
+            plan.connection_type,
             technology,
             bridge["id"],
+            " with a third party" if third_party else "",
             options,
         )
         return call
+
+    async def wait_bridged(self, tag: str, timeout: float | None = None) -> BridgedCall:
+        """The call tagged *tag* once its media channel is in its bridge.
+
+        The bot's MEDIA_START comes before that: audio a bot sends between the
+        two is read by Stasis, which has nowhere to send it. Raises AriError
+        if the call failed or *timeout* (default 10 units) passes first.
+        """
+
+        def find() -> BridgedCall | None:
+            return next((c for c in self.calls.values() if c.tag == tag), None)
+
+        async def wait() -> BridgedCall:
+            async with self._bridged:
+                while (found := find()) is None:
+                    if self.errors:
+                        raise AriError(f"the app failed: {'; '.join(self.errors)}")
+                    await self._bridged.wait()
+                return found
+
+        try:
+            return await asyncio.wait_for(wait(), units(10) if timeout is None else timeout)
+        except TimeoutError:
+            raise AriError(f"call {tag} was not bridged; app errors: {self.errors}") from None
+
+    async def _fail(self, message: str) -> None:
+        async with self._bridged:
+            self.errors.append(message)
+            self._bridged.notify_all()
+
+    async def _add_third_party(self, bridge_id: str, created: list[str]) -> str:
+        """A Local channel to the silent extension, in the bridge; its id."""
+        mark = len(self.ari.events)
+        local = await self.ari.post(
+            "/channels",
+            endpoint=f"Local/{HOLD_EXTENSION}@{DIALPLAN_CONTEXT}",
+            app=self.ari.app,
+            appArgs=THIRD_PARTY_ARG,
+        )
+        assert local is not None
+        created.insert(0, f"/channels/{local['id']}")
+        await self.ari.wait_event("StasisStart", start=mark, channel_id=local["id"])
+        await self.ari.post(f"/bridges/{bridge_id}/addChannel", channel=local["id"])
+        return str(local["id"])
 
     async def _clean_up(self, channel_id: str) -> None:
         """Delete what the call created (media channel, bridge) and the caller's channel."""

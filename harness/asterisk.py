@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -20,11 +21,15 @@ import time
 from pathlib import Path
 
 from harness import config
+from harness.ari import AriSettings
 from harness.ports import LOOPBACK, free_port, free_udp_range, port_is_free
 from harness.service import Service
 from harness.timing import units
 
 log = logging.getLogger(__name__)
+
+#: The ARI user of an instance started with ``ari=True``.
+ARI_USER = "harness"
 
 #: Where the Makefile links the builds, relative to the checkout.
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -77,7 +82,9 @@ class Asterisk(Service):
         debug: int | None = None,
         required: tuple[str, ...] = (),
         name: str = "asterisk",
+        ari: bool = False,
     ) -> None:
+        """*ari*: ARI on, for :attr:`ari_settings` (and what ARI topologies need)."""
         self.name = name
         self.install = install
         self._own_sandbox = sandbox is None
@@ -97,6 +104,7 @@ class Asterisk(Service):
             control_format=control_format,
             debug=debug,
             required=required,
+            ari_users=((ARI_USER, secrets.token_hex(8)),) if ari else (),
         )
         self.process: asyncio.subprocess.Process | None = None
         self._console: Path = self.sandbox / "console.log"
@@ -119,6 +127,19 @@ class Asterisk(Service):
     @property
     def sip_port(self) -> int:
         return self.settings.sip_port
+
+    @property
+    def http_uri(self) -> str:
+        """Asterisk's HTTP server (ARI, inbound media WebSockets)."""
+        return f"http://{self.settings.http_bind}:{self.settings.http_port}"
+
+    @property
+    def ari_settings(self) -> AriSettings:
+        """How to reach this instance's ARI (started with ``ari=True``)."""
+        if not self.settings.ari_users:
+            raise AsteriskError(f"{self.name} was started without ARI")
+        user, password = self.settings.ari_users[0]
+        return AriSettings(self.http_uri, user, password, self.settings.ari_app)
 
     @property
     def messages_log(self) -> Path:

@@ -35,6 +35,18 @@ def ms_of(nbytes: int) -> float:
     return nbytes / BYTES_PER_MS
 
 
+#: μ-law has two codes for zero, 0x7F (-0) and 0xFF (+0); decoded to signed
+#: linear and encoded again, both come out as 0xFF, every other code as itself.
+_THROUGH_SLIN = bytes(ULAW_SILENCE if code == 0x7F else code for code in range(256))
+
+
+def through_slin(ulaw: bytes) -> bytes:
+    """*ulaw* as it comes out of a trip through signed linear: what the caller
+    gets of a bot's μ-law when a mixing bridge (softmix) or a transcoder sits
+    between them. Only the code for negative zero changes."""
+    return ulaw.translate(_THROUGH_SLIN)
+
+
 def tagged_frame(index: int, size: int = FRAME_BYTES) -> bytes:
     """A frame whose bytes identify it: magic, 24-bit index, then an index-derived fill."""
     if not 0 <= index < 1 << 24:

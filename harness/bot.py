@@ -2,7 +2,9 @@
 
 A ``websockets`` server on a free loopback port. Each connection from
 chan_websocket becomes a :class:`BotSession`: it records every event with its
-arrival time and the caller's audio, and sends audio and commands.
+arrival time and the caller's audio, and sends audio and commands. A bot can
+also connect in to Asterisk (:meth:`BotServer.connect_in`, for
+``WebSocket/INCOMING`` channels); its session is the same.
 """
 
 from __future__ import annotations
@@ -18,8 +20,10 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
+from websockets.asyncio.client import connect
+from websockets.asyncio.connection import Connection
 from websockets.asyncio.server import Server, ServerConnection, serve
-from websockets.exceptions import ConnectionClosed
+from websockets.exceptions import ConnectionClosed, InvalidHandshake
 
 from harness.events import ControlFormat, Event, ProtocolError, format_command, parse_event
 from harness.ports import LOOPBACK
@@ -47,12 +51,15 @@ class ReceivedAudio:
 class BotSession:
     """One chan_websocket connection, from MEDIA_START to close."""
 
-    def __init__(self, connection: ServerConnection) -> None:
+    def __init__(self, connection: Connection, tag: str | None = None) -> None:
+        """*tag*: the call's tag, where the URI has none (a bot that connected in)."""
         self.connection = connection
         request = connection.request
         path = request.path if request is not None else "/"
         self.path = path
         self.params: dict[str, str] = {k: v[-1] for k, v in parse_qs(urlsplit(path).query).items()}
+        if tag is not None:
+            self.params["call"] = tag
         self.events: list[Event] = []
         #: Every TEXT message as it arrived, parsed or not.
         self.texts: list[str] = []
@@ -282,6 +289,8 @@ class BotServer(Service):
         self._pending: dict[str | None, asyncio.Queue[BotSession]] = {}
         self._on_session = on_session
         self.sessions: list[BotSession] = []
+        #: Sessions of connections the bot opened (connect_in), running.
+        self._outgoing: set[asyncio.Task[None]] = set()
 
     @property
     def port(self) -> int:
@@ -300,8 +309,47 @@ class BotServer(Service):
 
     async def _handler(self, connection: ServerConnection) -> None:
         session = BotSession(connection)
-        self.sessions.append(session)
         log.info("bot: connection from %s (%s)", connection.remote_address, session.path)
+        await self._serve(session)
+
+    async def connect_in(
+        self, uri: str, tag: str | None = None, timeout: float | None = None
+    ) -> None:
+        """Connect to Asterisk at *uri* (``ws://host:port/media/<connection_id>``),
+        as a bot does for a ``WebSocket/INCOMING`` channel; the session is then
+        served, or accepted under *tag*, like one Asterisk opened. Raises
+        BotError if Asterisk refuses or does not answer within *timeout*."""
+        timeout = units(10) if timeout is None else timeout
+        try:
+            connection = await asyncio.wait_for(
+                connect(
+                    uri,
+                    subprotocols=[SUBPROTOCOL],  # type: ignore[list-item]
+                    max_size=None,
+                    ping_interval=None,
+                    compression=None,
+                    open_timeout=None,
+                ),
+                timeout,
+            )
+        except TimeoutError:
+            raise BotError(f"cannot connect in to {uri}: no answer in {timeout:.1f} s") from None
+        except (OSError, InvalidHandshake) as exc:
+            raise BotError(f"cannot connect in to {uri}: {exc}") from None
+        log.info("bot: connected in to %s (call %s)", uri, tag)
+        task = asyncio.create_task(self._serve_outgoing(BotSession(connection, tag=tag)))
+        self._outgoing.add(task)
+        task.add_done_callback(self._outgoing.discard)
+
+    async def _serve_outgoing(self, session: BotSession) -> None:
+        try:
+            await self._serve(session)
+        finally:
+            await session.connection.close()
+
+    async def _serve(self, session: BotSession) -> None:
+        """Record *session* until it closes; hand it to accept() or run the bot on it."""
+        self.sessions.append(session)
         if self._on_session is None:
             self._queue(session.tag).put_nowait(session)
             await session._run()
@@ -354,6 +402,9 @@ class BotServer(Service):
         return session
 
     async def stop(self) -> None:
+        for task in list(self._outgoing):
+            task.cancel()
+        await asyncio.gather(*self._outgoing, return_exceptions=True)
         if self._server is not None:
             self._server.close()
             with contextlib.suppress(Exception):

@@ -11,6 +11,8 @@ from pathlib import Path
 
 from harness.ports import LOOPBACK
 
+#: The dialplan context of the caller's calls (and of every extension below).
+DIALPLAN_CONTEXT = "bot"
 #: The extension the caller dials; the dialplan sends it to the bot.
 BOT_EXTENSION = "bot"
 #: The SIP header the caller uses to pass chan_websocket dial options.
@@ -21,6 +23,15 @@ BOT_CONNECTION = "bot"
 CALLER_ENDPOINT = "caller"
 #: The extension that hands a call to the ARI application (when ARI is on).
 ARI_EXTENSION = "ari"
+#: The extension that dials ``WebSocket/INCOMING`` (when ARI is on): the bot
+#: connects in to ``/media/<connection_id>``, which the dialplan announces
+#: with a ``UserEvent`` named :data:`INCOMING_EVENT`.
+INCOMING_EXTENSION = "bot-in"
+INCOMING_EVENT = "MediaWebSocketIncoming"
+#: The SIP header that carries the harness's call tag (for the dialplan).
+CALL_HEADER = "X-Harness-Call"
+#: An extension that answers and stays silent: a third party for a bridge.
+HOLD_EXTENSION = "hold"
 
 #: Modules loaded in every instance (``autoload=no``): a small, fast core.
 MODULES: tuple[str, ...] = (
@@ -50,6 +61,27 @@ MODULES: tuple[str, ...] = (
     "app_echo.so",
     "func_channel.so",
     "pbx_config.so",
+)
+
+#: Loaded besides :data:`MODULES` when ARI is on: ARI with the resources an
+#: externalMedia app uses, Stasis, a mixing bridge, and Gosub with UserEvent
+#: (the pre-dial handler that announces a WebSocket/INCOMING channel).
+ARI_MODULES: tuple[str, ...] = (
+    "res_ari.so",
+    "res_ari_model.so",
+    "res_ari_events.so",
+    "res_ari_channels.so",
+    "res_ari_bridges.so",
+    "res_stasis.so",
+    "res_stasis_answer.so",
+    "res_stasis_playback.so",
+    "res_stasis_recording.so",
+    "res_stasis_snoop.so",
+    "app_stasis.so",
+    "app_playback.so",
+    "app_stack.so",
+    "app_userevent.so",
+    "bridge_softmix.so",
 )
 
 
@@ -186,7 +218,8 @@ dateformat = %F %T.%3q
 messages.log => notice,warning,error,verbose,debug
 console => {console}
 """
-    loads = () if s.autoload else (*MODULES, *s.extra_modules)
+    ari_modules = ARI_MODULES if s.ari_users else ()
+    loads = () if s.autoload else (*MODULES, *ari_modules, *s.extra_modules)
     modules = "\n".join([f"load => {m}" for m in loads] + [f"require => {m}" for m in s.required])
     files["modules.conf"] = f"""\
 [modules]
@@ -239,7 +272,7 @@ exten => {name},1,NoOp(Media call to {name}: ${{PJSIP_HEADER(read,{OPTIONS_HEADE
 static = yes
 writeprotect = yes
 
-[bot]{dial}
+[{DIALPLAN_CONTEXT}]{dial}
 
 exten => echo,1,Answer()
  same => n,Echo()
@@ -265,7 +298,9 @@ pretty = no
 
 
 def _ari_extension(s: AsteriskSettings) -> str:
-    """The extension that hands calls to the ARI app, with the caller's options as its args."""
+    """With ARI on: the extension that hands calls to the ARI app (the caller's
+    options as its args), the one that dials ``WebSocket/INCOMING`` and
+    announces the connection id, and a silent third party."""
     if not s.ari_users:
         return ""
     return f"""
@@ -274,6 +309,26 @@ def _ari_extension(s: AsteriskSettings) -> str:
 exten => {ARI_EXTENSION},1,NoOp(Call to the ARI application {s.ari_app})
  same => n,Stasis({s.ari_app},${{PJSIP_HEADER(read,{OPTIONS_HEADER})}})
  same => n,Hangup()
+
+; Calls to {INCOMING_EXTENSION}: the bot connects in to /media/<connection_id>.
+; The WebSocket channel's pre-dial handler announces its connection id (and
+; the caller's {CALL_HEADER}) in a UserEvent, which ARI apps subscribed to
+; all channels receive as ChannelUserevent.
+exten => {INCOMING_EXTENSION},1,NoOp(Media call, the bot connects in)
+ same => n,Set(__HARNESS_CALL=${{PJSIP_HEADER(read,{CALL_HEADER})}})
+ same => n,Set(WS_OPTIONS=${{PJSIP_HEADER(read,{OPTIONS_HEADER})}})
+ same => n,Dial(WebSocket/INCOMING/${{WS_OPTIONS}},,b(announce-incoming^s^1))
+ same => n,Hangup()
+
+; A party that answers and says nothing (a muted supervisor, say).
+exten => {HOLD_EXTENSION},1,Answer()
+ same => n,Wait(86400)
+ same => n,Hangup()
+
+[announce-incoming]
+exten => s,1,Set(ID=${{MEDIA_WEBSOCKET_CONNECTION_ID}})
+ same => n,UserEvent({INCOMING_EVENT},connection_id: ${{ID}},call: ${{HARNESS_CALL}})
+ same => n,Return()
 """
 
 
@@ -293,7 +348,7 @@ bind = {s.bind_address}:{s.sip_port}
     endpoint = f"""
 [{CALLER_ENDPOINT}]
 type = endpoint
-context = bot
+context = {DIALPLAN_CONTEXT}
 disallow = all
 allow = ulaw
 ; A phone's a=ptime sets the packetization of what Asterisk sends it.

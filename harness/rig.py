@@ -3,6 +3,11 @@
 ``Rig.call()`` places a real SIP call to the extension that dials the bot,
 waits for the bot's WebSocket session and the caller's media, starts the RTP
 capture of what Asterisk sends to the caller and yields a :class:`LiveCall`.
+Its *topology* (:mod:`harness.topology`) chooses how the call reaches the bot:
+``Dial`` or an ARI app's externalMedia, Asterisk connecting out or the bot
+connecting in, a two-party or a mixing bridge. A rig made with ``ari=True``
+runs its Asterisk with ARI, and the ARI app that topologies other than
+``dial`` need.
 
 Normally the rig starts an Asterisk of its own on loopback. Given
 :class:`Services` (``HARNESS_ASTERISK_HOST`` and friends, as docker compose
@@ -14,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import socket
@@ -24,14 +30,24 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from harness.ari import Ari, AriError, BridgedCall, ExternalMediaApp
 from harness.asterisk import Asterisk, AsteriskError, tail
 from harness.bot import BotError, BotServer, BotSession
 from harness.caller import CallerError, CallHandle, Phone, SipPhone
 from harness.capture import RtpCapture, RtpPacket
-from harness.config import BOT_EXTENSION, OPTIONS_HEADER
+from harness.config import (
+    ARI_EXTENSION,
+    BOT_CONNECTION,
+    BOT_EXTENSION,
+    CALL_HEADER,
+    INCOMING_EVENT,
+    INCOMING_EXTENSION,
+    OPTIONS_HEADER,
+)
 from harness.events import ControlFormat
 from harness.ports import LOOPBACK, parse_host_port, source_address
 from harness.service import Service
+from harness.topology import DIAL, Creation, Topology
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +112,9 @@ class LiveCall:
     capture: RtpCapture | None
     started: float = field(default_factory=time.time)
     packets: list[RtpPacket] = field(default_factory=list)
+    topology: Topology = DIAL
+    #: What the ARI app made of the call (ARI topologies).
+    bridged: BridgedCall | None = None
 
     async def stop_capture(self) -> list[RtpPacket]:
         """Stop the capture (if any) and return the RTP sent to the caller."""
@@ -116,8 +135,10 @@ class Rig(Service):
         name: str = "asterisk",
         services: Services | None = None,
         bot: BotServer | None = None,
+        ari: bool = False,
     ) -> None:
-        """*bot* is the bot server Asterisk dials (default: one on loopback)."""
+        """*bot* is the bot server Asterisk dials (default: one on loopback);
+        *ari*: ARI on, and the ARI app of the topologies that need it."""
         if install is None and services is None:
             raise ValueError("a rig needs an Asterisk install or running services")
         self.install = install
@@ -127,6 +148,14 @@ class Rig(Service):
         if bot is None:
             bot = BotServer(services.bot_host, services.bot_port) if services else BotServer()
         self.bot = bot
+        if ari and services is not None:
+            raise ValueError("ARI topologies need a rig with an Asterisk of its own")
+        self.want_ari = ari
+        self.ari: Ari | None = None
+        self.app: ExternalMediaApp | None = None
+        #: Errors of the bot connecting in for INCOMING channels.
+        self.errors: list[str] = []
+        self._watcher: asyncio.Task[None] | None = None
         self.asterisk: Asterisk | None = None
         #: Where calls go: Asterisk's address, SIP port and the bot's extension.
         self.sip_host = LOOPBACK
@@ -158,16 +187,62 @@ class Rig(Service):
             )
         else:
             assert self.install is not None
-            self.asterisk = Asterisk(self.install, self.bot.uri, name=self.name)
+            self.asterisk = Asterisk(self.install, self.bot.uri, name=self.name, ari=self.want_ari)
             await self.asterisk.start()
             self.sip_port = self.asterisk.sip_port
+            if self.want_ari:
+                await self._start_ari(self.asterisk)
         if self._own_phone is not None:
             await self._own_phone.start()
+
+    async def _start_ari(self, asterisk: Asterisk) -> None:
+        settings = dataclasses.replace(asterisk.ari_settings, subscribe_all=True)
+        self.ari = Ari(settings)
+        await self.ari.start()
+        self.app = ExternalMediaApp(self.ari, BOT_CONNECTION, connect_in=self._connect_in)
+        await self.app.start()
+        self._watcher = asyncio.create_task(self._watch_incoming(self.ari))
+
+    async def _watch_incoming(self, ari: Ari) -> None:
+        """Connect the bot in for every WebSocket/INCOMING channel the dialplan announces."""
+        start = 0
+        while not ari.closed.is_set():
+            try:
+                index, event = await ari.wait_event(
+                    "ChannelUserevent", start=start, timeout=86400, eventname=INCOMING_EVENT
+                )
+            except AriError:
+                continue
+            start = index + 1
+            fields = event.get("userevent") or {}
+            tag, connection_id = fields.get("call") or None, fields.get("connection_id")
+            if not connection_id:
+                self.errors.append(f"{INCOMING_EVENT} without a connection_id: {event}")
+                continue
+            task = asyncio.create_task(self._connect_in(tag, connection_id))
+            task.add_done_callback(_log_failure)
+
+    async def _connect_in(self, tag: str | None, connection_id: str) -> None:
+        """The bot connects in to the WebSocket channel *connection_id* (call *tag*)."""
+        assert self.asterisk is not None
+        uri = self.asterisk.http_uri.replace("http://", "ws://", 1) + f"/media/{connection_id}"
+        try:
+            await self.bot.connect_in(uri, tag)
+        except BotError as exc:
+            self.errors.append(str(exc))
+            raise
 
     async def stop(self) -> None:
         try:
             if self._own_phone is not None:
                 await self._own_phone.stop()
+            if self.app is not None:
+                await self.app.stop()
+            if self._watcher is not None:
+                self._watcher.cancel()
+                await asyncio.gather(self._watcher, return_exceptions=True)
+            if self.ari is not None:
+                await self.ari.stop()
             if self.asterisk is not None:
                 await self.asterisk.stop()
         finally:
@@ -193,25 +268,49 @@ class Rig(Service):
         record: Path | None = None,
         extension: str | None = None,
         ptime: int | None = None,
+        topology: Topology = DIAL,
     ) -> AsyncIterator[LiveCall]:
         """Place a call into the bot and yield it once media flows.
 
-        *extension* is the one the call goes to (default: the one that dials
-        this rig's bot); whatever answers it must connect the bot with the
-        call's chan_websocket options, as ``ari`` with an ARI app does.
-        *ptime* makes the phone offer ``a=ptime`` (see :meth:`SipPhone.call`).
+        *topology* is how the call reaches the bot (the rig needs ``ari=True``
+        for any but ``dial``); in ARI topologies the call is yielded once the
+        app has put the bot's channel in the bridge. *extension* is the one the
+        call goes to (default: the topology's); whatever answers it must
+        connect the bot with the call's chan_websocket options, as ``ari``
+        with an ARI app does. *ptime* makes the phone offer ``a=ptime`` (see
+        :meth:`SipPhone.call`).
         """
         assert self.sip_port, "rig not started"
+        if topology.needs_ari and self.app is None:
+            raise ValueError(f"topology {topology}: the rig needs ARI (Rig(..., ari=True))")
         tag = uuid.uuid4().hex[:12]
-        dial_options = f"c({codec}){control_format.dial_option}v(call={tag}){options}"
-        uri = f"sip:{extension or self.extension}@{self.sip_host}:{self.sip_port}"
-        log.info("rig: call %s -> %s with WebSocket options %s", tag, uri, dial_options)
+        # A WebSocket/INCOMING channel takes no URI parameters: the rig pairs
+        # the bot's session with the call by the connection id instead.
+        tagging = "" if topology.connects_in else f"v(call={tag})"
+        dial_options = f"c({codec}){control_format.dial_option}{tagging}{options}"
+        if extension is None:
+            extension = {
+                Creation.ARI: ARI_EXTENSION,
+                Creation.DIAL: INCOMING_EXTENSION if topology.connects_in else self.extension,
+            }[topology.creation]
+        uri = f"sip:{extension}@{self.sip_host}:{self.sip_port}"
+        log.info(
+            "rig: call %s -> %s (%s) with WebSocket options %s", tag, uri, topology, dial_options
+        )
+        if topology.creation is Creation.ARI:
+            assert self.app is not None
+            self.app.plans[tag] = topology.plan()
+        headers = {OPTIONS_HEADER: dial_options, CALL_HEADER: tag}
+        bridged = None
         async with self._setup:
             sip = await self.phone.call(
-                uri, tag=tag, headers={OPTIONS_HEADER: dial_options}, record_to=record, ptime=ptime
+                uri, tag=tag, headers=headers, record_to=record, ptime=ptime
             )
             try:
                 session = await self._accept(tag, sip)
+                if topology.creation is Creation.ARI:
+                    assert self.app is not None
+                    bridged = await self.app.wait_bridged(tag)
             except BaseException:
                 with contextlib.suppress(Exception):
                     await sip.hangup()
@@ -225,7 +324,9 @@ class Rig(Service):
                 host, port = sip.record.local_rtp
                 cap = RtpCapture.to_port(port, host=host, peer=self.sip_host, pcap=pcap)
                 await cap.start()
-            live = LiveCall(tag=tag, session=session, sip=sip, capture=cap)
+            live = LiveCall(
+                tag=tag, session=session, sip=sip, capture=cap, topology=topology, bridged=bridged
+            )
             yield live
         finally:
             if live is not None:
@@ -234,6 +335,8 @@ class Rig(Service):
                 await sip.hangup()
             with contextlib.suppress(Exception):
                 await sip.wait_disconnected()
+            if self.app is not None:
+                self.app.plans.pop(tag, None)
 
     async def _accept(self, tag: str, sip: CallHandle) -> BotSession:
         """The bot's session for the call, unless the SIP call ends first."""
@@ -241,9 +344,20 @@ class Rig(Service):
         waiters: set[asyncio.Future[Any]] = {accept, sip.disconnected}
         await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
         if accept.done():
-            return accept.result()
+            try:
+                return accept.result()
+            except BotError as exc:
+                problems = [*self.errors, *(self.app.errors if self.app else [])]
+                if not problems:
+                    raise
+                raise BotError(f"{exc}; {'; '.join(problems)}") from None
         accept.cancel()
         with contextlib.suppress(asyncio.CancelledError, BotError):
             await accept
         reason = f"SIP {sip.record.last_status} {sip.record.last_reason}".strip()
         raise CallerError(f"call {tag} ended before the bot was connected ({reason})")
+
+
+def _log_failure(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and (exc := task.exception()) is not None:
+        log.error("rig: the bot could not connect in: %s", exc)

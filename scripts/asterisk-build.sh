@@ -73,9 +73,13 @@ readonly TEST_MODULES=(
 	res_pjsip_caller_id res_pjsip_pubsub res_pjsip_outbound_authenticator_digest
 	res_rtp_asterisk res_sorcery_config res_sorcery_memory res_sorcery_astdb
 	res_sorcery_realtime res_crypto res_format_attr_opus
-	# What upstream's testsuite uses around its chan_websocket tests
-	# (make upstream-testsuite): ARI and Stasis, CLI originate
+	# ARI and Stasis: the externalMedia topologies (harness.topology) and
+	# upstream's testsuite (make upstream-testsuite, which also uses CLI
+	# originate); a mixing bridge, a prompt, and Gosub with UserEvent (a
+	# pre-dial handler tells the rig a WebSocket/INCOMING channel's
+	# connection id)
 	'res_ari*' 'res_stasis*' app_stasis res_clioriginate
+	bridge_softmix app_playback app_stack app_userevent
 )
 # Profile "deployment": what a voice-bot deployment uses. Patterns are
 # matched against the source's own module list (menuselect), so the profile
@@ -84,13 +88,11 @@ readonly TEST_MODULES=(
 # build, or the build stops.
 readonly DEPLOYMENT_MODULES=(
 	"${TEST_MODULES[@]}"
-	# ARI and Stasis: channels/externalMedia, bridges, playbacks, recordings, snoop
-	'res_ari*' 'res_stasis*' app_stasis
 	# Applications a dialplan or an ARI app uses around a bot
-	app_playback app_controlplayback app_record app_mixmonitor app_senddtmf app_read
+	app_controlplayback app_record app_mixmonitor app_senddtmf app_read
 	app_originate app_bridgewait app_bridgeaddchan app_chanspy app_confbridge app_exec
-	app_stack app_transfer app_blind_transfer app_attended_transfer app_softhangup
-	app_verbose app_userevent app_dumpchan app_milliwatt app_playtones app_talkdetect
+	app_transfer app_blind_transfer app_attended_transfer app_softhangup
+	app_verbose app_dumpchan app_milliwatt app_playtones app_talkdetect
 	app_waitforsilence app_waituntil app_if app_while app_db app_sendtext app_cdr
 	app_audiosocket app_channelredirect app_system
 	# Channels and bridges

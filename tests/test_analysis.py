@@ -127,3 +127,28 @@ def test_stream_map_follows_upstreams_dropped_remainders() -> None:
     assert m.unmatched == 0
     assert m.lost == sum(len(d) % 160 for d, _ in plan[:-1])
     assert m.total == len(sent) - len(plan[-1][0]) % 160
+
+
+def test_stream_map_takes_silence_before_the_stream_as_a_mixers_padding() -> None:
+    """A mixer's tick that began before the stream: silence, then the stream."""
+    sent = audio.tagged_frames(0, 3)
+    silence = b"\xff" * 160
+    packets = [
+        pkt(0.98, silence, 1),
+        pkt(1.00, b"\xff" * 60 + sent[0:100], 2),
+        pkt(1.02, sent[100:260], 3),
+        pkt(1.04, sent[260:420], 4),
+        pkt(1.06, sent[420:480] + b"\xff" * 100, 5),
+    ]
+    m = analysis.StreamMap(packets, sent)
+    assert (m.total, m.lost, m.unmatched) == (480, 0, 1)
+    assert m.padding == 160
+    assert m.departure(0) == m.departure(99) == 1.00
+    assert m.departure(100) == 1.02 and m.departure(479) == 1.06
+
+
+def test_through_slin_keeps_every_code_but_negative_zero() -> None:
+    codes = bytes(range(256))
+    out = audio.through_slin(codes)
+    assert out[0x7F] == 0xFF
+    assert [c for c in range(256) if out[c] != c] == [0x7F]

@@ -121,6 +121,20 @@ def test_ari_users_and_the_stasis_extension(tmp_path: Path) -> None:
     dialplan = config.render(s)["extensions.conf"]
     assert f"exten => {config.ARI_EXTENSION},1," in dialplan
     assert "Stasis(bots," in dialplan
+    # The bot connecting in: Dial(WebSocket/INCOMING) announces its connection
+    # id in a pre-dial handler; and a silent third party for mixing bridges.
+    assert f"exten => {config.INCOMING_EXTENSION},1," in dialplan
+    assert "Dial(WebSocket/INCOMING/" in dialplan and "b(announce-incoming^s^1)" in dialplan
+    assert f"UserEvent({config.INCOMING_EVENT},connection_id: ${{ID}}" in dialplan
+    assert f"exten => {config.HOLD_EXTENSION},1,Answer()" in dialplan
+    loads = config.render(s)["modules.conf"]
+    for module in config.ARI_MODULES:
+        assert f"load => {module}" in loads
+
+
+def test_ari_modules_are_loaded_only_with_ari(tmp_path: Path) -> None:
+    loads = config.render(settings(tmp_path))["modules.conf"]
+    assert "res_ari" not in loads and "bridge_softmix" not in loads
 
 
 def test_autoload_loads_everything_and_quiets_it(tmp_path: Path) -> None:
