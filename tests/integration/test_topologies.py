@@ -23,9 +23,10 @@ from pathlib import Path
 
 import pytest
 
-from harness import analysis, audio
+from harness import analysis, audio, tts
 from harness.caller import SipPhone
 from harness.events import ControlFormat
+from harness.pacer import Pacer
 from harness.rig import LiveCall, Rig
 from harness.topology import TOPOLOGIES, Creation, Topology
 from tests.conftest import failed, report, send_marked_chunks
@@ -286,6 +287,36 @@ async def test_bad_input_gets_an_error_and_the_call_goes_on(
     assert not s.named("MARK_CLEARED")
 
 
+async def test_the_pacer_keeps_the_caller_fed_and_knows_what_was_heard(
+    rig: Rig, topology: Topology
+) -> None:
+    """The pacing client paces by positions, so it works in every topology: a
+    streamed response with no gap, a barge-in after 1.5 s, and what the caller
+    heard (MEDIA_FLUSHED) against the caller's RTP."""
+    profile = tts.TtsProfile(ttfb=0.05, seed=11)
+    async with rig.call(topology=topology) as call:
+        pacer = Pacer(call.session)
+        task = asyncio.create_task(pacer.play(tts.stream(3000, profile)))
+        await asyncio.sleep(1.5)
+        pacer.barge_in()
+        result = await task
+        await asyncio.sleep(0.2 + topology.mixing_interval_ms / 1000)
+    assert not result.fallback and result.interrupted and result.heard_ms is not None
+    sent = b"".join(d for d, _ in tts.plan(3000, profile))
+    stream = analysis.StreamMap(call.packets, heard(sent, topology))
+    on_rtp = audio.ms_of(stream.total)
+    report(
+        f"{topology}: pacer barge-in, heard_ms vs the caller's RTP",
+        f"{result.heard_ms:.0f} ms vs {on_rtp:.0f} ms; {len(stream.gaps())} gaps",
+    )
+    assert stream.lost == 0
+    # A mixer still sends what it had taken, less a partial interval it holds.
+    assert abs(result.heard_ms - on_rtp) <= audio.FRAME_MS + topology.mixing_interval_ms
+    assert 1000 < on_rtp <= 1600, "the barge-in acts at once"
+    missed = sum(n for _, n, _ in stream.gaps())
+    assert missed <= 2, f"paced by marks, the caller's audio has no gap: {stream.gaps()}"
+
+
 @pytest.fixture(scope="module")
 async def upstream_topology_rig(
     topology: Topology,
@@ -314,3 +345,33 @@ async def test_an_app_without_marks_sees_exactly_what_upstream_sends(
         check_strictly(call.session.texts, fmt, sent_ids)
         texts.append(masked(call.session.texts, fmt))
     assert texts[0] == texts[1]
+
+
+async def test_upstream_mark_media_timing(
+    upstream_topology_rig: Rig, topology: Topology, fmt: ControlFormat
+) -> None:
+    """What a bot gets without the series, for the table: MEDIA_MARK_PROCESSED
+    comes at the start of the tick after the frame's (about one frame after its
+    RTP in a two-party bridge, earlier by the mixer's delay in a mixing one)."""
+    sent = b""
+    marks: list[tuple[str, int]] = []
+    async with upstream_topology_rig.call(control_format=fmt, topology=topology) as call:
+        s = call.session
+        for k in range(8):
+            chunk = audio.tagged_frames(k * 10, 10)
+            await s.send_audio(chunk)
+            sent += chunk
+            marks.append((f"c{k}", len(sent)))
+            await s.command("MARK_MEDIA", f"c{k}")
+        await s.wait_mark("c7", timeout=5)
+        await asyncio.sleep(0.2)
+    processed = s.named("MEDIA_MARK_PROCESSED")
+    assert [e.mark_id for e in processed] == [m for m, _ in marks]
+    stream = analysis.StreamMap(call.packets, heard(sent, topology))
+    acks = [(e.mark_id or "", e.t) for e in processed]
+    result = analysis.mark_report(marks, acks, stream)
+    assert len(result.errors_ms) == 8
+    summary = analysis.Summary.of(result.errors_ms)
+    report(f"{topology}: upstream MEDIA_MARK_PROCESSED - RTP, ms ({fmt.value})", summary)
+    low = audio.FRAME_MS - topology.mixing_interval_ms - 10
+    assert low < summary.median < audio.FRAME_MS + 25, summary
