@@ -15,6 +15,8 @@ all: help
 
 help:
 	@echo "make demo             set up, build, and place one real call with marks"
+	@echo "                      (TOPOLOGY=ari: through an ARI app's externalMedia channel;"
+	@echo "                      dial-in, ari-in, ari-softmix, ari-third-party: see README)"
 	@echo "make test             set up, build, lint and run every test"
 	@echo "make setup            apt packages and the .venv virtualenv"
 	@echo "make asterisk         build the patched Asterisk into build/asterisk (cached)"
@@ -75,8 +77,12 @@ devcheck: asterisk asterisk-master
 	@$(BUILD) devcheck
 	@$(MASTER_ENV) $(BUILD) devcheck
 
+# TOPOLOGY=ari (or dial-in, ari-in, ari-softmix, ari-third-party): the call
+# reaches the bot through an ARI app's externalMedia channel, the bot
+# connecting in, or a mixing bridge (harness/topology.py).
+TOPOLOGY ?= dial
 demo: asterisk
-	@$(PY) -m harness demo
+	@$(PY) -m harness demo --topology $(TOPOLOGY)
 
 lint: setup
 	@$(VENV)/bin/ruff check harness tests

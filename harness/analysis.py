@@ -10,10 +10,10 @@ from __future__ import annotations
 import bisect
 import math
 import statistics
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
-from harness.audio import FRAME_BYTES, ULAW_SILENCE
+from harness.audio import FRAME_BYTES, ULAW_LINEAR, ULAW_SILENCE
 from harness.capture import RtpPacket
 from harness.events import Event
 
@@ -147,11 +147,19 @@ class StreamMap:
     byte offsets do not. Each payload is aligned with *sent* (the stream
     the bot sent, from offset 0): the bytes that match are the bot's, a
     tail of μ-law silence after them is padding, and so is silence before
-    them where a mixer's tick began before the stream did. In a mixing
-    bridge pass the stream as the caller gets it (:func:`audio.through_slin`).
+    them where a mixer's tick began before the stream did.
+
+    *mixed*: the stream went through a mixing bridge, which decodes it to
+    signed linear, adds the other parties' audio (often near silence, not
+    always exactly) and encodes the sum again: a byte then matches when its
+    value is within a μ-law step (or 64 of 32767) of the bot's.
     """
 
-    def __init__(self, packets: Sequence[RtpPacket], sent: bytes) -> None:
+    def __init__(self, packets: Sequence[RtpPacket], sent: bytes, *, mixed: bool = False) -> None:
+        m = _MIXED if mixed else _EXACT
+        self.sent = sent
+        self.mixed = mixed
+        self._m = m
         ordered = sorted(packets, key=lambda p: (p.t, p.sequence))
         self.starts: list[int] = []
         self.times: list[float] = []
@@ -163,23 +171,28 @@ class StreamMap:
         # taken as the stream's might have been padding instead.
         ambiguous = 0
         for p in ordered:
-            n = _common_prefix(p.payload, sent, offset)
+            n = m.prefix(p.payload, sent, offset)
             lead = 0
-            if n == 0 and (lead := _leading_silence(p.payload, sent, offset)):
+            if n == 0 and (lead := _leading_silence(m, p.payload, sent, offset)):
                 # Padding, then the stream: a mixer's tick that began before
                 # the stream did (or resumed).
                 self.padding += lead
                 self.starts.append(offset)
                 self.times.append(p.t)
-                n = _common_prefix(p.payload[lead:], sent, offset)
+                n = m.prefix(p.payload[lead:], sent, offset)
                 offset += n
                 self.padding += len(p.payload) - lead - n
                 ambiguous = 0
                 continue
-            if not _is_stream_then_padding(p.payload, n):
+            if not _is_stream_then_padding(m, p.payload, n):
+                if m is _MIXED and all(m.quiet(c) for c in p.payload):
+                    # A mixer's tick without the bot's audio (it ran dry):
+                    # silence, which would fit any quiet stretch further on.
+                    self.padding += len(p.payload)
+                    continue
                 # Step back over silence taken for stream bytes, or skip bytes
                 # that never reached RTP (upstream drops partial frames).
-                found, n = _resync(p.payload, sent, offset - ambiguous)
+                found, n = _resync(m, p.payload, sent, offset - ambiguous)
                 if found < 0:
                     self.unmatched += 1
                     continue
@@ -192,9 +205,13 @@ class StreamMap:
             self.starts.append(offset)
             self.times.append(p.t)
             offset += n
-            tail = p.payload[:n]
-            ambiguous = len(tail) - len(tail.rstrip(bytes([ULAW_SILENCE])))
+            ambiguous = m.quiet_tail(p.payload[:n])
         self.total = offset
+
+    def anchored(self, offset: int) -> bool:
+        """Whether byte *offset* can be placed for certain: in a mixed stream a
+        quiet byte fits the mixer's silence as well, so only audible ones."""
+        return not self.mixed or not self._m.quiet(self.sent[offset])
 
     def departure(self, offset: int) -> float | None:
         """When the packet carrying stream byte *offset* left, or None."""
@@ -218,48 +235,96 @@ RESYNC_BYTES = 24
 RESYNC_WINDOW = 8000
 
 
-def _resync(payload: bytes, sent: bytes, start: int) -> tuple[int, int]:
+class _Exact:
+    """Byte comparison for a stream that reached RTP as the bot sent it."""
+
+    def same(self, a: int, b: int) -> bool:
+        return a == b
+
+    def prefix(self, payload: bytes, sent: bytes, offset: int) -> int:
+        """How many leading bytes of *payload* match *sent* from *offset*."""
+        window = sent[offset : offset + len(payload)]
+        if payload == window:
+            return len(payload)
+        n = 0
+        for a, b in zip(payload, window, strict=False):
+            if not self.same(a, b):
+                break
+            n += 1
+        return n
+
+    def quiet(self, code: int) -> bool:
+        return code == ULAW_SILENCE
+
+    def quiet_tail(self, data: bytes) -> int:
+        """How many bytes at the end of *data* are silence."""
+        n = len(data)
+        while n and self.quiet(data[n - 1]):
+            n -= 1
+        return len(data) - n
+
+    def candidates(self, head: bytes, sent: bytes, start: int, end: int) -> Iterator[int]:
+        """Offsets in [start, end) where *head* may begin."""
+        found = sent.find(head, start, end)
+        while found >= 0:
+            yield found
+            found = sent.find(head, found + 1, end)
+
+
+class _Mixed(_Exact):
+    """Comparison in signed linear, within a μ-law step: a mixer's output."""
+
+    def same(self, a: int, b: int) -> bool:
+        x, y = ULAW_LINEAR[a], ULAW_LINEAR[b]
+        return abs(x - y) <= max(64, max(abs(x), abs(y)) >> 3)
+
+    def prefix(self, payload: bytes, sent: bytes, offset: int) -> int:
+        window = sent[offset : offset + len(payload)]
+        if payload == window:
+            return len(payload)
+        return super().prefix(payload, sent, offset)
+
+    def quiet(self, code: int) -> bool:
+        return abs(ULAW_LINEAR[code]) <= 64
+
+    def candidates(self, head: bytes, sent: bytes, start: int, end: int) -> Iterator[int]:
+        for offset in range(start, min(end, len(sent) - len(head) + 1)):
+            if self.prefix(head, sent, offset) == len(head):
+                yield offset
+
+
+_EXACT = _Exact()
+_MIXED = _Mixed()
+
+
+def _resync(m: _Exact, payload: bytes, sent: bytes, start: int) -> tuple[int, int]:
     """The nearest offset from *start* where *payload* fits *sent* (as stream
     bytes, then padding), and how many stream bytes it holds; (-1, 0) if none
     within the window. A short head can match in several places, so each
     candidate is checked against the whole payload."""
     head = payload[:RESYNC_BYTES]
-    end = start + RESYNC_WINDOW
-    found = sent.find(head, max(start, 0), end)
-    while found >= 0:
-        n = _common_prefix(payload, sent, found)
-        if _is_stream_then_padding(payload, n):
+    for found in m.candidates(head, sent, max(start, 0), start + RESYNC_WINDOW):
+        n = m.prefix(payload, sent, found)
+        if _is_stream_then_padding(m, payload, n):
             return found, n
-        found = sent.find(head, found + 1, end)
     return -1, 0
 
 
-def _leading_silence(payload: bytes, sent: bytes, offset: int) -> int:
+def _leading_silence(m: _Exact, payload: bytes, sent: bytes, offset: int) -> int:
     """How many bytes of silence *payload* starts with, if the stream follows
     them from *offset* (then only silence); 0 if it does not."""
-    rest = payload.lstrip(bytes([ULAW_SILENCE]))
-    lead = len(payload) - len(rest)
+    lead = 0
+    while lead < len(payload) and m.quiet(payload[lead]):
+        lead += 1
+    rest = payload[lead:]
     if not lead or not rest:
         return 0
-    return lead if _is_stream_then_padding(rest, _common_prefix(rest, sent, offset)) else 0
+    return lead if _is_stream_then_padding(m, rest, m.prefix(rest, sent, offset)) else 0
 
 
-def _is_stream_then_padding(payload: bytes, n: int) -> bool:
+def _is_stream_then_padding(m: _Exact, payload: bytes, n: int) -> bool:
     """Whether *payload* is *n* > 0 stream bytes followed only by silence."""
-    return n > 0 and not payload[n:].strip(bytes([ULAW_SILENCE]))
-
-
-def _common_prefix(payload: bytes, sent: bytes, offset: int) -> int:
-    """How many leading bytes of *payload* equal *sent* from *offset*."""
-    window = sent[offset : offset + len(payload)]
-    if payload == window:
-        return len(payload)
-    n = 0
-    for a, b in zip(payload, window, strict=False):
-        if a != b:
-            break
-        n += 1
-    return n
+    return n > 0 and all(m.quiet(c) for c in payload[n:])
 
 
 @dataclass(frozen=True)
@@ -288,7 +353,8 @@ def mark_report(
     *marks* are (id, stream offset after the mark's audio), in the order
     placed; *acks* are (id, time), in the order received. Lost marks have no
     ack; duplicated ones have several; an ack is out of order when a mark
-    placed later was acknowledged before it.
+    placed later was acknowledged before it. In a mixed stream only marks
+    after an audible byte are timed (:meth:`StreamMap.anchored`).
     """
     index = {mark_id: i for i, (mark_id, _) in enumerate(marks)}
     seen: dict[str, float] = {}
@@ -307,7 +373,7 @@ def mark_report(
     errors = []
     for mark_id, offset in marks:
         rtp_t = stream.departure(offset - 1)
-        if mark_id in seen and rtp_t is not None:
+        if mark_id in seen and rtp_t is not None and stream.anchored(offset - 1):
             errors.append((seen[mark_id] - rtp_t) * 1000.0)
     acked = sum(1 for mark_id, _ in marks if mark_id in seen)
     return MarkReport(errors, len(marks), acked, len(marks) - acked, duplicated, out_of_order)

@@ -35,16 +35,15 @@ def ms_of(nbytes: int) -> float:
     return nbytes / BYTES_PER_MS
 
 
-#: μ-law has two codes for zero, 0x7F (-0) and 0xFF (+0); decoded to signed
-#: linear and encoded again, both come out as 0xFF, every other code as itself.
-_THROUGH_SLIN = bytes(ULAW_SILENCE if code == 0x7F else code for code in range(256))
+def _ulaw_to_linear(code: int) -> int:
+    """G.711 μ-law to 16-bit signed linear (Asterisk's table)."""
+    u = ~code & 0xFF
+    magnitude = ((((u & 0x0F) << 3) + 0x84) << ((u >> 4) & 0x07)) - 0x84
+    return -magnitude if u & 0x80 else magnitude
 
 
-def through_slin(ulaw: bytes) -> bytes:
-    """*ulaw* as it comes out of a trip through signed linear: what the caller
-    gets of a bot's μ-law when a mixing bridge (softmix) or a transcoder sits
-    between them. Only the code for negative zero changes."""
-    return ulaw.translate(_THROUGH_SLIN)
+#: The signed linear value of each μ-law code.
+ULAW_LINEAR: tuple[int, ...] = tuple(_ulaw_to_linear(code) for code in range(256))
 
 
 def tagged_frame(index: int, size: int = FRAME_BYTES) -> bytes:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import array
 import math
 
 from harness import analysis, audio
@@ -147,8 +148,31 @@ def test_stream_map_takes_silence_before_the_stream_as_a_mixers_padding() -> Non
     assert m.departure(100) == 1.02 and m.departure(479) == 1.06
 
 
-def test_through_slin_keeps_every_code_but_negative_zero() -> None:
-    codes = bytes(range(256))
-    out = audio.through_slin(codes)
-    assert out[0x7F] == 0xFF
-    assert [c for c in range(256) if out[c] != c] == [0x7F]
+def test_ulaw_linear_is_g711() -> None:
+    assert audio.ULAW_LINEAR[0xFF] == audio.ULAW_LINEAR[0x7F] == 0
+    assert audio.ULAW_LINEAR[0x80] == 32124 and audio.ULAW_LINEAR[0x00] == -32124
+    assert audio.ULAW_LINEAR[0xFE] == 8 and audio.ULAW_LINEAR[0x7E] == -8
+    slin = audio.ulaw_to_slin(bytes(range(256)))
+    assert list(audio.ULAW_LINEAR) == list(array.array("h", slin)), "as audioop decodes"
+
+
+def test_stream_map_of_a_mixed_stream_allows_what_a_mixer_adds() -> None:
+    """A mixer decodes, adds the others' near silence, and encodes again."""
+    sent = audio.tagged_frames(0, 3)
+
+    def mixed(data: bytes) -> bytes:
+        # -0 becomes +0, and a code one step away here and there.
+        out = bytearray(data.replace(b"\x7f", b"\xff"))
+        for k in range(5, len(out), 37):
+            out[k] = out[k] + 1 if out[k] not in (0x7F, 0xFF) else out[k]
+        return bytes(out)
+
+    packets = [pkt(1.0, mixed(sent[0:160]), 1), pkt(1.02, mixed(sent[160:320]), 2)]
+    packets.append(pkt(1.04, mixed(sent[320:480]), 3))
+    assert analysis.StreamMap(packets, sent).total < 480, "not byte-exact"
+    m = analysis.StreamMap(packets, sent, mixed=True)
+    assert (m.total, m.lost, m.unmatched) == (480, 0, 0)
+    assert m.departure(479) == 1.04
+    # Someone else's speech is not the bot's.
+    loud = pkt(1.06, bytes([0x80]) * 160, 4)
+    assert analysis.StreamMap([*packets, loud], sent, mixed=True).unmatched == 1

@@ -69,9 +69,10 @@ def rig(request: pytest.FixtureRequest, topology_rig: Rig) -> Iterator[Rig]:
         print(f"--- {topology_rig.name}: messages.log during the test ---\n{text}")  # noqa: T201
 
 
-def heard(sent: bytes, topology: Topology) -> bytes:
-    """What the caller gets of *sent*: μ-law passes a mixer through signed linear."""
-    return audio.through_slin(sent) if topology.mixes else sent
+def stream_map(call: LiveCall, sent: bytes) -> analysis.StreamMap:
+    """Where each byte of *sent* reached the caller; through a mixer, within
+    what the mixer adds (the other parties' near silence)."""
+    return analysis.StreamMap(call.packets, sent, mixed=call.topology.mixes)
 
 
 def check_bridge(call: LiveCall, topology: Topology) -> None:
@@ -110,7 +111,7 @@ async def test_marks_resolve_once_in_order_at_exact_positions(
     assert [e.mark_id for e in resolved] == [m for m, _ in marks], "each once, in order"
     assert [e.get_int("seq") for e in resolved] == list(range(1, 9))
     assert [e.get_int("played_ms") for e in resolved] == [200 * (k + 1) for k in range(8)]
-    stream = analysis.StreamMap(call.packets, heard(sent, topology))
+    stream = stream_map(call, sent)
     assert (stream.total, stream.lost) == (len(sent), 0), "every byte reached RTP, in order"
     acks = [(e.mark_id or "", e.t) for e in resolved]
     result = analysis.mark_report(marks, acks, stream)
@@ -144,7 +145,7 @@ async def test_flush_clears_pending_marks_and_reports_what_was_played(
     assert played_ms + flushed.get_int("discarded_ms") == audio.ms_of(len(sent))
     # What reached the caller is what the driver says it handed over: a
     # mixer sends what it had taken, so both are within a frame.
-    stream = analysis.StreamMap(call.packets, heard(sent, topology))
+    stream = stream_map(call, sent)
     report(
         f"{topology}: flush, played_ms vs the caller's RTP ({fmt.value})",
         f"reported {played_ms} ms, RTP {audio.ms_of(stream.total):.0f} ms",
@@ -217,7 +218,7 @@ async def test_partial_frame_is_played_to_the_byte_before_its_mark(
     assert mark.name == "MARK_PLAYED"
     assert mark.get_int("played_ms") == 206  # 1650 bytes = 206.25 ms
     sent = first + more
-    stream = analysis.StreamMap(call.packets, heard(sent, topology))
+    stream = stream_map(call, sent)
     # A mixer keeps what does not fill an interval until more audio comes:
     # the last 50 bytes now.
     held = len(sent) % audio.FRAME_BYTES if topology.mixes else 0
@@ -262,7 +263,7 @@ async def test_unaligned_messages_lose_no_byte(
     played = s.named("MARK_PLAYED")
     assert [e.mark_id for e in played] == [m for m, _ in marks]
     assert [e.get_int("played_ms") for e in played] == [n // 8 for _, n in marks]
-    stream = analysis.StreamMap(call.packets, heard(sent, topology))
+    stream = stream_map(call, sent)
     assert (stream.total, stream.lost) == (len(sent), 0)
 
 
@@ -303,7 +304,7 @@ async def test_the_pacer_keeps_the_caller_fed_and_knows_what_was_heard(
         await asyncio.sleep(0.2 + topology.mixing_interval_ms / 1000)
     assert not result.fallback and result.interrupted and result.heard_ms is not None
     sent = b"".join(d for d, _ in tts.plan(3000, profile))
-    stream = analysis.StreamMap(call.packets, heard(sent, topology))
+    stream = stream_map(call, sent)
     on_rtp = audio.ms_of(stream.total)
     report(
         f"{topology}: pacer barge-in, heard_ms vs the caller's RTP",
@@ -367,7 +368,7 @@ async def test_upstream_mark_media_timing(
         await asyncio.sleep(0.2)
     processed = s.named("MEDIA_MARK_PROCESSED")
     assert [e.mark_id for e in processed] == [m for m, _ in marks]
-    stream = analysis.StreamMap(call.packets, heard(sent, topology))
+    stream = stream_map(call, sent)
     acks = [(e.mark_id or "", e.t) for e in processed]
     result = analysis.mark_report(marks, acks, stream)
     assert len(result.errors_ms) == 8
