@@ -210,8 +210,12 @@ class StreamMap:
 
     def anchored(self, offset: int) -> bool:
         """Whether byte *offset* can be placed for certain: in a mixed stream a
-        quiet byte fits the mixer's silence as well, so only audible ones."""
-        return not self.mixed or not self._m.quiet(self.sent[offset])
+        stretch of quiet bytes fits the mixer's silence as well, so only a
+        byte with audible ones among the ANCHOR_BYTES up to it."""
+        if not self.mixed:
+            return True
+        window = self.sent[max(0, offset + 1 - ANCHOR_BYTES) : offset + 1]
+        return not all(self._m.quiet(c) for c in window)
 
     def departure(self, offset: int) -> float | None:
         """When the packet carrying stream byte *offset* left, or None."""
@@ -230,6 +234,9 @@ class StreamMap:
         return result
 
 
+#: How many bytes up to a mark must hold audible audio to time it in a mixed
+#: stream (2 ms of μ-law).
+ANCHOR_BYTES = 16
 #: Bytes of a payload used to find it again after lost bytes, and how far ahead.
 RESYNC_BYTES = 24
 RESYNC_WINDOW = 8000

@@ -362,7 +362,7 @@ class ExternalMediaApp(Service):
         await ari.post(f"/bridges/{bridge['id']}/addChannel", channel=channel_id)
         third_party = None
         if plan.third_party:
-            third_party = await self._add_third_party(bridge["id"], created)
+            third_party = await self._add_third_party(bridge["id"], codec, created)
         mark = len(ari.events)
         where = (
             {"external_host": self.connection}
@@ -448,14 +448,18 @@ class ExternalMediaApp(Service):
             self.errors.append(message)
             self._bridged.notify_all()
 
-    async def _add_third_party(self, bridge_id: str, created: list[str]) -> str:
+    async def _add_third_party(self, bridge_id: str, codec: str, created: list[str]) -> str:
         """A Local channel to the silent extension, in the bridge; its id."""
         mark = len(self.ari.events)
+        # In the call's codec: a softmix bridge mixes at the highest rate
+        # among its channels, and a Local channel left to choose may bring
+        # in 16 or 48 kHz, resampling everyone's audio.
         local = await self.ari.post(
             "/channels",
             endpoint=f"Local/{HOLD_EXTENSION}@{DIALPLAN_CONTEXT}",
             app=self.ari.app,
             appArgs=THIRD_PARTY_ARG,
+            formats=codec,
         )
         assert local is not None
         created.insert(0, f"/channels/{local['id']}")

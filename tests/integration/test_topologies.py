@@ -72,7 +72,11 @@ def rig(request: pytest.FixtureRequest, topology_rig: Rig) -> Iterator[Rig]:
 def stream_map(call: LiveCall, sent: bytes) -> analysis.StreamMap:
     """Where each byte of *sent* reached the caller; through a mixer, within
     what the mixer adds (the other parties' near silence)."""
-    return analysis.StreamMap(call.packets, sent, mixed=call.topology.mixes)
+    stream = analysis.StreamMap(call.packets, sent, mixed=call.topology.mixes)
+    if stream.total == 0:  # say what arrived instead
+        heads = [f"{p.sequence}:{p.payload[:8].hex()}" for p in call.packets[:12]]
+        print(f"no byte of the stream matched; first packets {heads}, stream {sent[:8].hex()}")  # noqa: T201
+    return stream
 
 
 def check_bridge(call: LiveCall, topology: Topology) -> None:
@@ -264,7 +268,7 @@ async def test_unaligned_messages_lose_no_byte(
     assert [e.mark_id for e in played] == [m for m, _ in marks]
     assert [e.get_int("played_ms") for e in played] == [n // 8 for _, n in marks]
     stream = stream_map(call, sent)
-    assert (stream.total, stream.lost) == (len(sent), 0)
+    assert (stream.total, stream.lost) == (len(sent), 0), [p.payload.hex() for p in call.packets[:3]]
 
 
 async def test_bad_input_gets_an_error_and_the_call_goes_on(
