@@ -222,11 +222,15 @@ class MediaPlan:
     is ARI's bridge type (``mixing`` picks simple_bridge for two parties;
     ``mixing,video_sfu`` forces softmix). *third_party*: a silent Local channel
     joins the bridge before the bot, so even a plain mixing bridge mixes.
+    *bridge_delay*: the app's own latency before it bridges the bot.
     """
 
     connection_type: str = "client"
     bridge_type: str = "mixing"
     third_party: bool = False
+    #: Seconds the app lets pass before it adds the bot's channel to the
+    #: bridge: an app far from Asterisk, or a slow one.
+    bridge_delay: float = 0.0
 
 
 @dataclass
@@ -390,6 +394,7 @@ class ExternalMediaApp(Service):
             await self.connect_in(tag, connection_id)
         # It enters the app once the bot is connected (and the channel answered).
         await ari.wait_event("StasisStart", start=mark, channel_id=media["id"])
+        await asyncio.sleep(plan.bridge_delay)
         await ari.post(f"/bridges/{bridge['id']}/addChannel", channel=media["id"])
         now = await ari.request("GET", f"/bridges/{bridge['id']}")
         technology = str((now or {}).get("technology", "?"))

@@ -111,7 +111,8 @@ async def demo(args: argparse.Namespace) -> int:
     # A mixer adds the other parties' audio, and holds back the last partial
     # interval of the stream until more audio comes.
     stream = analysis.StreamMap(packets, sent, mixed=where.mixes)
-    held = len(sent) % audio.FRAME_BYTES if where.mixes else 0
+    # (The pacer completes the last frame with silence: nothing is held then.)
+    held = min(session.bytes_sent % audio.FRAME_BYTES, len(sent)) if where.mixes else 0
     acks = [(e.mark_id, e.t) for e in session.named(*ACK_EVENTS) if e.mark_id]
     marks = analysis.mark_report(result.marks, acks, stream)
     cleared = {e.mark_id for e in session.named("MARK_CLEARED")}

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from harness.ari import Ari, AriError, BridgedCall, ExternalMediaApp
+from harness.ari import Ari, AriError, BridgedCall, ExternalMediaApp, MediaPlan
 from harness.asterisk import Asterisk, AsteriskError, tail
 from harness.bot import BotError, BotServer, BotSession
 from harness.caller import CallerError, CallHandle, Phone, SipPhone
@@ -269,13 +269,17 @@ class Rig(Service):
         extension: str | None = None,
         ptime: int | None = None,
         topology: Topology = DIAL,
+        plan: MediaPlan | None = None,
+        wait_for_bridge: bool = True,
     ) -> AsyncIterator[LiveCall]:
         """Place a call into the bot and yield it once media flows.
 
         *topology* is how the call reaches the bot (the rig needs ``ari=True``
         for any but ``dial``); in ARI topologies the call is yielded once the
-        app has put the bot's channel in the bridge. *extension* is the one the
-        call goes to (default: the topology's); whatever answers it must
+        app has put the bot's channel in the bridge (*wait_for_bridge* false:
+        at ``MEDIA_START``, as a bot sees it). *extension* is the one the
+        call goes to (default: the topology's); *plan* is the ARI app's for
+        it (default: the topology's, :meth:`Topology.plan`). Whatever answers it must
         connect the bot with the call's chan_websocket options, as ``ari``
         with an ARI app does. *ptime* makes the phone offer ``a=ptime`` (see
         :meth:`SipPhone.call`).
@@ -299,7 +303,7 @@ class Rig(Service):
         )
         if topology.creation is Creation.ARI:
             assert self.app is not None
-            self.app.plans[tag] = topology.plan()
+            self.app.plans[tag] = plan or topology.plan()
         headers = {OPTIONS_HEADER: dial_options, CALL_HEADER: tag}
         bridged = None
         async with self._setup:
@@ -308,7 +312,7 @@ class Rig(Service):
             )
             try:
                 session = await self._accept(tag, sip)
-                if topology.creation is Creation.ARI:
+                if topology.creation is Creation.ARI and wait_for_bridge:
                     assert self.app is not None
                     bridged = await self.app.wait_bridged(tag)
             except BaseException:

@@ -17,6 +17,8 @@ interval after MARK_PLAYED, so the bound is that interval earlier.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import datetime
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -320,6 +322,46 @@ async def test_the_pacer_keeps_the_caller_fed_and_knows_what_was_heard(
     assert 1000 < on_rtp <= 1600, "the barge-in acts at once"
     missed = sum(n for _, n, _ in stream.gaps())
     assert missed <= 2, f"paced by marks, the caller's audio has no gap: {stream.gaps()}"
+
+
+@pytest.mark.parametrize(
+    "topology",
+    [t for t in TOPOLOGIES.values() if t.creation is Creation.ARI],
+    ids=str,
+    indirect=True,
+)
+async def test_audio_sent_before_the_app_bridges_the_channel_is_not_heard(
+    rig: Rig, topology: Topology
+) -> None:
+    """MEDIA_START comes when the WebSocket connects; an ARI app adds the
+    channel to its bridge after that (Dial bridges it as it answers). An app
+    that takes 300 ms: what the bot sends at once is handed over, and
+    reported played, with nowhere to go."""
+    slow = dataclasses.replace(topology.plan(), bridge_delay=0.3)
+    early = audio.tagged_frames(0, 5)
+    assert rig.app is not None
+    async with rig.call(topology=topology, plan=slow, capture=False, wait_for_bridge=False) as call:
+        s = call.session
+        await s.send_audio(early)
+        await s.command("MARK", "early")
+        mark = await s.wait_mark("early")
+        bridged = await rig.app.wait_bridged(call.tag)
+    entered = next(
+        e["timestamp"]
+        for e in rig.ari.events  # type: ignore[union-attr]
+        if e.get("type") == "ChannelEnteredBridge"
+        and e["channel"]["id"] == bridged.media_channel_id
+    )
+    entered_t = datetime.datetime.strptime(entered, "%Y-%m-%dT%H:%M:%S.%f%z").timestamp()
+    media_start = s.media_start
+    assert media_start is not None
+    report(
+        f"{topology}: an app 300 ms slow to bridge",
+        f"MARK_PLAYED for 100 ms sent at MEDIA_START +{(mark.t - media_start.t) * 1000:.0f} ms,"
+        f" the channel in the bridge +{(entered_t - media_start.t) * 1000:.0f} ms",
+    )
+    assert mark.name == "MARK_PLAYED" and mark.get_int("played_ms") == 100
+    assert mark.t < entered_t, "handed over before the channel was in the bridge"
 
 
 @pytest.fixture(scope="module")
