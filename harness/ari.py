@@ -279,7 +279,9 @@ class ExternalMediaApp(Service):
         self.connect_in = connect_in
         self.calls: dict[str, BridgedCall] = {}
         self._bridged = asyncio.Condition()
+        #: Every call's failure, in order; :meth:`failures` has one call's.
         self.errors: list[str] = []
+        self._failed: dict[str | None, list[str]] = {}
         self._serving: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         #: What each call created, in order, to delete when it ends.
@@ -316,8 +318,10 @@ class ExternalMediaApp(Service):
 
     async def _handle(self, channel_id: str, options: str) -> None:
         """One call: bridge it, then clean up after it once the caller leaves."""
+        tag = None
         try:
-            call = await self._bridge(channel_id, options)
+            tag = await self._call_tag(channel_id) if self.plans or self.connect_in else None
+            call = await self._bridge(channel_id, options, tag)
             # The call ends when either side leaves, as with Dial().
             ends = [
                 asyncio.ensure_future(self.ari.wait_event("StasisEnd", channel_id=c, timeout=86400))
@@ -334,10 +338,10 @@ class ExternalMediaApp(Service):
         except AriError as exc:
             if channel_id not in self.calls:
                 log.error("ari: cannot bridge %s: %s", channel_id, exc)
-                await self._fail(str(exc))
+                await self._fail(tag, str(exc))
         except Exception as exc:
             log.exception("ari: call %s failed", channel_id)
-            await self._fail(f"{channel_id}: {exc!r}")
+            await self._fail(tag, f"{channel_id}: {exc!r}")
         await self._clean_up(channel_id)
 
     async def _call_tag(self, channel_id: str) -> str | None:
@@ -353,10 +357,9 @@ class ExternalMediaApp(Service):
         value = (found or {}).get("value")
         return str(value) if value else None
 
-    async def _bridge(self, channel_id: str, options: str) -> BridgedCall:
+    async def _bridge(self, channel_id: str, options: str, tag: str | None) -> BridgedCall:
         ari = self.ari
         created = self._created.setdefault(channel_id, [f"/channels/{channel_id}"])
-        tag = await self._call_tag(channel_id) if self.plans or self.connect_in else None
         plan = self.plans.get(tag or "", self.plan)
         codec = m.group(1) if (m := _CODEC.search(options)) else "ulaw"
         await ari.post(f"/channels/{channel_id}/answer")
@@ -438,19 +441,24 @@ class ExternalMediaApp(Service):
         async def wait() -> BridgedCall:
             async with self._bridged:
                 while (found := find()) is None:
-                    if self.errors:
-                        raise AriError(f"the app failed: {'; '.join(self.errors)}")
+                    if failed := self.failures(tag):
+                        raise AriError(f"the app could not bridge call {tag}: {'; '.join(failed)}")
                     await self._bridged.wait()
                 return found
 
         try:
             return await asyncio.wait_for(wait(), units(10) if timeout is None else timeout)
         except TimeoutError:
-            raise AriError(f"call {tag} was not bridged; app errors: {self.errors}") from None
+            raise AriError(f"call {tag} was not bridged; the app's errors: {self.errors}") from None
 
-    async def _fail(self, message: str) -> None:
+    def failures(self, tag: str | None) -> list[str]:
+        """What went wrong with the call tagged *tag* (None: calls without a tag)."""
+        return self._failed.get(tag, [])
+
+    async def _fail(self, tag: str | None, message: str) -> None:
         async with self._bridged:
             self.errors.append(message)
+            self._failed.setdefault(tag, []).append(message)
             self._bridged.notify_all()
 
     async def _add_third_party(self, bridge_id: str, codec: str, created: list[str]) -> str:

@@ -153,8 +153,8 @@ class Rig(Service):
         self.want_ari = ari
         self.ari: Ari | None = None
         self.app: ExternalMediaApp | None = None
-        #: Errors of the bot connecting in for INCOMING channels.
-        self.errors: list[str] = []
+        #: Errors of the bot connecting in for INCOMING channels, per call tag.
+        self.errors: dict[str | None, list[str]] = {}
         self._watcher: asyncio.Task[None] | None = None
         self.asterisk: Asterisk | None = None
         #: Where calls go: Asterisk's address, SIP port and the bot's extension.
@@ -217,7 +217,8 @@ class Rig(Service):
             fields = event.get("userevent") or {}
             tag, connection_id = fields.get("call") or None, fields.get("connection_id")
             if not connection_id:
-                self.errors.append(f"{INCOMING_EVENT} without a connection_id: {event}")
+                problem = f"{INCOMING_EVENT} without a connection_id: {event}"
+                self.errors.setdefault(tag, []).append(problem)
                 continue
             task = asyncio.create_task(self._connect_in(tag, connection_id))
             task.add_done_callback(_log_failure)
@@ -229,7 +230,7 @@ class Rig(Service):
         try:
             await self.bot.connect_in(uri, tag)
         except BotError as exc:
-            self.errors.append(str(exc))
+            self.errors.setdefault(tag, []).append(str(exc))
             raise
 
     async def stop(self) -> None:
@@ -351,7 +352,10 @@ class Rig(Service):
             try:
                 return accept.result()
             except BotError as exc:
-                problems = [*self.errors, *(self.app.errors if self.app else [])]
+                problems = [
+                    *self.errors.get(tag, []),
+                    *(self.app.failures(tag) if self.app else []),
+                ]
                 if not problems:
                     raise
                 raise BotError(f"{exc}; {'; '.join(problems)}") from None

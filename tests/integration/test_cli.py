@@ -40,6 +40,16 @@ def test_demo_barge_in_reports_what_was_heard(install: Path, capture_ok: None) -
     assert '"reason":"flush"' in result.stdout
 
 
+def test_demo_through_an_ari_mixing_bridge_with_a_barge_in(install: Path, capture_ok: None) -> None:
+    """make demo TOPOLOGY=...: an ARI app's externalMedia channel in softmix."""
+    result = run("demo", "--tone", "--topology", "ari-third-party", "--barge-in", "1.2")
+    assert result.returncode == 0, result.stdout + result.stderr
+    out = result.stdout
+    assert "ari-third-party: ARI externalMedia" in out and "softmix bridge" in out
+    assert "MEDIA_FLUSHED says" in out
+    assert "result:           OK" in out
+
+
 def test_missing_build_is_a_clear_error(tmp_path: Path) -> None:
     result = run("demo", env={"ASTERISK_PREFIX": str(tmp_path)})
     assert result.returncode == 2
@@ -51,3 +61,6 @@ def test_bad_arguments_are_explained() -> None:
     result = run("demo", "--format", "xml")
     assert result.returncode == 2
     assert "invalid choice" in result.stderr
+    result = run("demo", "--topology", "ari-out")
+    assert result.returncode == 2
+    assert "unknown topology 'ari-out': one of dial, dial-in, ari" in result.stderr
