@@ -145,14 +145,16 @@ class StreamMap:
     chan_websocket re-frames the bot's stream, and when its queue runs dry
     sends a partial frame padded with silence, so frame boundaries move;
     byte offsets do not. Each payload is aligned with *sent* (the stream
-    the bot sent, from offset 0): the bytes that match are the bot's, a
-    tail of μ-law silence after them is padding, and so is silence before
-    them where a mixer's tick began before the stream did.
+    the bot sent, from offset 0): the bytes that match are the bot's, and a
+    tail of μ-law silence after them is padding.
 
     *mixed*: the stream went through a mixing bridge, which decodes it to
     signed linear, adds the other parties' audio (often near silence, not
     always exactly) and encodes the sum again: a byte then matches when its
-    value is within a μ-law step (or 64 of 32767) of the bot's.
+    value is within an eighth of its magnitude of the bot's (a few μ-law
+    steps), or within 64 of 32767 near zero; silence before the stream in a
+    packet is padding too (a mixer's tick that began before the stream did),
+    and a packet of silence alone is a tick without the bot's audio.
     """
 
     def __init__(self, packets: Sequence[RtpPacket], sent: bytes, *, mixed: bool = False) -> None:
@@ -173,7 +175,7 @@ class StreamMap:
         for p in ordered:
             n = m.prefix(p.payload, sent, offset)
             lead = 0
-            if n == 0 and (lead := _leading_silence(m, p.payload, sent, offset)):
+            if n == 0 and mixed and (lead := _leading_silence(m, p.payload, sent, offset)):
                 # Padding, then the stream: a mixer's tick that began before
                 # the stream did (or resumed).
                 self.padding += lead
@@ -279,17 +281,11 @@ class _Exact:
 
 
 class _Mixed(_Exact):
-    """Comparison in signed linear, within a μ-law step: a mixer's output."""
+    """Comparison in signed linear, within an eighth (64 near zero): a mixer's output."""
 
     def same(self, a: int, b: int) -> bool:
         x, y = ULAW_LINEAR[a], ULAW_LINEAR[b]
         return abs(x - y) <= max(64, max(abs(x), abs(y)) >> 3)
-
-    def prefix(self, payload: bytes, sent: bytes, offset: int) -> int:
-        window = sent[offset : offset + len(payload)]
-        if payload == window:
-            return len(payload)
-        return super().prefix(payload, sent, offset)
 
     def quiet(self, code: int) -> bool:
         return abs(ULAW_LINEAR[code]) <= 64

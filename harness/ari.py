@@ -148,13 +148,18 @@ class Ari(Service):
         event stream ends first or *timeout* (default 10 units) passes.
         """
 
+        scanned = start
+
         def find() -> tuple[int, Json] | None:
-            for i in range(start, len(self.events)):
+            # Each event is looked at once, however often the list grows.
+            nonlocal scanned
+            for i in range(scanned, len(self.events)):
                 event = self.events[i]
                 if event.get("type") == type_ and all(
                     _field(event, k) == v for k, v in match.items()
                 ):
                     return i, event
+            scanned = max(scanned, len(self.events))
             return None
 
         async def wait() -> tuple[int, Json]:
@@ -267,14 +272,16 @@ class ExternalMediaApp(Service):
         self,
         ari: Ari,
         connection: str,
-        bridge_type: str = "mixing",
+        bridge_type: str | None = None,
         *,
         plan: MediaPlan | None = None,
         connect_in: ConnectIn | None = None,
     ) -> None:
+        if plan is not None and bridge_type is not None:
+            raise ValueError("give a bridge_type or a plan, not both")
         self.ari = ari
         self.connection = connection
-        self.plan = plan or MediaPlan(bridge_type=bridge_type)
+        self.plan = plan or MediaPlan(bridge_type=bridge_type or "mixing")
         self.plans: dict[str, MediaPlan] = {}
         self.connect_in = connect_in
         self.calls: dict[str, BridgedCall] = {}
@@ -314,17 +321,20 @@ class ExternalMediaApp(Service):
             args = event.get("args", [])
             # Not our own media channels or third parties.
             if not channel["name"].startswith("WebSocket/") and args[:1] != [THIRD_PARTY_ARG]:
-                self._spawn(self._handle(channel["id"], ",".join(args)))
+                self._spawn(self._handle(channel["id"], ",".join(args), index))
 
-    async def _handle(self, channel_id: str, options: str) -> None:
-        """One call: bridge it, then clean up after it once the caller leaves."""
+    async def _handle(self, channel_id: str, options: str, since: int) -> None:
+        """One call (its StasisStart at *since* in the event list): bridge it,
+        then clean up after it once the caller or the bot leaves."""
         tag = None
         try:
             tag = await self._call_tag(channel_id) if self.plans or self.connect_in else None
             call = await self._bridge(channel_id, options, tag)
             # The call ends when either side leaves, as with Dial().
             ends = [
-                asyncio.ensure_future(self.ari.wait_event("StasisEnd", channel_id=c, timeout=86400))
+                asyncio.ensure_future(
+                    self.ari.wait_event("StasisEnd", start=since, channel_id=c, timeout=86400)
+                )
                 for c in (channel_id, call.media_channel_id)
             ]
             try:
@@ -360,6 +370,9 @@ class ExternalMediaApp(Service):
     async def _bridge(self, channel_id: str, options: str, tag: str | None) -> BridgedCall:
         ari = self.ari
         created = self._created.setdefault(channel_id, [f"/channels/{channel_id}"])
+        if self.plans and tag not in self.plans:
+            # A call placed for a plan must get it, not quietly the default.
+            raise AriError(f"no plan for call {tag!r} (channel {channel_id})")
         plan = self.plans.get(tag or "", self.plan)
         codec = m.group(1) if (m := _CODEC.search(options)) else "ulaw"
         await ari.post(f"/channels/{channel_id}/answer")
@@ -394,7 +407,10 @@ class ExternalMediaApp(Service):
                     f"externalMedia server channel {media['id']}: "
                     + ("no MEDIA_WEBSOCKET_CONNECTION_ID" if connection_id is None else "no bot")
                 )
-            await self.connect_in(tag, connection_id)
+            try:
+                await self.connect_in(tag, connection_id)
+            except Exception as exc:  # the bot's side: its own message
+                raise AriError(f"the bot did not connect in to {connection_id}: {exc}") from None
         # It enters the app once the bot is connected (and the channel answered).
         await ari.wait_event("StasisStart", start=mark, channel_id=media["id"])
         await asyncio.sleep(plan.bridge_delay)
@@ -453,7 +469,7 @@ class ExternalMediaApp(Service):
 
     def failures(self, tag: str | None) -> list[str]:
         """What went wrong with the call tagged *tag* (None: calls without a tag)."""
-        return self._failed.get(tag, [])
+        return list(self._failed.get(tag, []))
 
     async def _fail(self, tag: str | None, message: str) -> None:
         async with self._bridged:

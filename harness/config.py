@@ -78,7 +78,6 @@ ARI_MODULES: tuple[str, ...] = (
     "res_stasis_recording.so",
     "res_stasis_snoop.so",
     "app_stasis.so",
-    "app_playback.so",
     "app_stack.so",
     "app_userevent.so",
     "bridge_softmix.so",

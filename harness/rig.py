@@ -156,6 +156,7 @@ class Rig(Service):
         #: Errors of the bot connecting in for INCOMING channels, per call tag.
         self.errors: dict[str | None, list[str]] = {}
         self._watcher: asyncio.Task[None] | None = None
+        self._connecting: set[asyncio.Task[None]] = set()
         self.asterisk: Asterisk | None = None
         #: Where calls go: Asterisk's address, SIP port and the bot's extension.
         self.sip_host = LOOPBACK
@@ -221,6 +222,8 @@ class Rig(Service):
                 self.errors.setdefault(tag, []).append(problem)
                 continue
             task = asyncio.create_task(self._connect_in(tag, connection_id))
+            self._connecting.add(task)
+            task.add_done_callback(self._connecting.discard)
             task.add_done_callback(_log_failure)
 
     async def _connect_in(self, tag: str | None, connection_id: str) -> None:
@@ -239,9 +242,10 @@ class Rig(Service):
                 await self._own_phone.stop()
             if self.app is not None:
                 await self.app.stop()
-            if self._watcher is not None:
-                self._watcher.cancel()
-                await asyncio.gather(self._watcher, return_exceptions=True)
+            tasks = [t for t in (self._watcher, *self._connecting) if t is not None]
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
             if self.ari is not None:
                 await self.ari.stop()
             if self.asterisk is not None:
@@ -288,6 +292,8 @@ class Rig(Service):
         assert self.sip_port, "rig not started"
         if topology.needs_ari and self.app is None:
             raise ValueError(f"topology {topology}: the rig needs ARI (Rig(..., ari=True))")
+        if plan is not None and topology.creation is not Creation.ARI:
+            raise ValueError(f"topology {topology}: no ARI app places the call, so no plan")
         tag = uuid.uuid4().hex[:12]
         # A WebSocket/INCOMING channel takes no URI parameters: the rig pairs
         # the bot's session with the call by the connection id instead.
@@ -305,43 +311,60 @@ class Rig(Service):
         if topology.creation is Creation.ARI:
             assert self.app is not None
             self.app.plans[tag] = plan or topology.plan()
-        headers = {OPTIONS_HEADER: dial_options, CALL_HEADER: tag}
-        bridged = None
-        async with self._setup:
-            sip = await self.phone.call(
-                uri, tag=tag, headers=headers, record_to=record, ptime=ptime
-            )
+        try:
+            headers = {OPTIONS_HEADER: dial_options, CALL_HEADER: tag}
+            bridged = None
+            async with self._setup:
+                sip = await self.phone.call(
+                    uri, tag=tag, headers=headers, record_to=record, ptime=ptime
+                )
+                accepted: BotSession | None = None
+                try:
+                    accepted = await self._accept(tag, sip)
+                    if topology.creation is Creation.ARI and wait_for_bridge:
+                        assert self.app is not None
+                        bridged = await self.app.wait_bridged(tag)
+                except BaseException:
+                    with contextlib.suppress(Exception):
+                        if accepted is not None:
+                            await accepted.close()
+                    with contextlib.suppress(Exception):
+                        await sip.hangup()
+                    raise
+                session = accepted
+            live: LiveCall | None = None
             try:
-                session = await self._accept(tag, sip)
-                if topology.creation is Creation.ARI and wait_for_bridge:
-                    assert self.app is not None
-                    bridged = await self.app.wait_bridged(tag)
-            except BaseException:
+                await sip.wait_media()
+                cap = None
+                if capture:
+                    assert sip.record.local_rtp is not None
+                    host, port = sip.record.local_rtp
+                    cap = RtpCapture.to_port(port, host=host, peer=self.sip_host, pcap=pcap)
+                    await cap.start()
+                live = LiveCall(
+                    tag=tag,
+                    session=session,
+                    sip=sip,
+                    capture=cap,
+                    topology=topology,
+                    bridged=bridged,
+                )
+                yield live
+            finally:
+                if live is not None:
+                    await live.stop_capture()
                 with contextlib.suppress(Exception):
                     await sip.hangup()
-                raise
-        live: LiveCall | None = None
-        try:
-            await sip.wait_media()
-            cap = None
-            if capture:
-                assert sip.record.local_rtp is not None
-                host, port = sip.record.local_rtp
-                cap = RtpCapture.to_port(port, host=host, peer=self.sip_host, pcap=pcap)
-                await cap.start()
-            live = LiveCall(
-                tag=tag, session=session, sip=sip, capture=cap, topology=topology, bridged=bridged
-            )
-            yield live
+                with contextlib.suppress(Exception):
+                    await sip.wait_disconnected()
         finally:
-            if live is not None:
-                await live.stop_capture()
-            with contextlib.suppress(Exception):
-                await sip.hangup()
-            with contextlib.suppress(Exception):
-                await sip.wait_disconnected()
             if self.app is not None:
                 self.app.plans.pop(tag, None)
+
+    def _problems(self, tag: str) -> str:
+        """What went wrong on the way to the bot for call *tag*, if anything."""
+        found = [*self.errors.get(tag, []), *(self.app.failures(tag) if self.app else [])]
+        return "; ".join(found)
 
     async def _accept(self, tag: str, sip: CallHandle) -> BotSession:
         """The bot's session for the call, unless the SIP call ends first."""
@@ -352,18 +375,19 @@ class Rig(Service):
             try:
                 return accept.result()
             except BotError as exc:
-                problems = [
-                    *self.errors.get(tag, []),
-                    *(self.app.failures(tag) if self.app else []),
-                ]
-                if not problems:
+                if not (problems := self._problems(tag)):
                     raise
-                raise BotError(f"{exc}; {'; '.join(problems)}") from None
+                raise BotError(f"{exc}; {problems}") from None
         accept.cancel()
         with contextlib.suppress(asyncio.CancelledError, BotError):
             await accept
+        # (An ARI app that cannot bridge the call hangs it up: say why.)
+        problems = self._problems(tag)
         reason = f"SIP {sip.record.last_status} {sip.record.last_reason}".strip()
-        raise CallerError(f"call {tag} ended before the bot was connected ({reason})")
+        raise CallerError(
+            f"call {tag} ended before the bot was connected ({reason})"
+            + (f": {problems}" if problems else "")
+        )
 
 
 def _log_failure(task: asyncio.Task[None]) -> None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import datetime
+import statistics
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -75,6 +76,7 @@ def rig(request: pytest.FixtureRequest, topology_rig: Rig) -> Iterator[Rig]:
 def stream_map(call: LiveCall, sent: bytes) -> analysis.StreamMap:
     """Where each byte of *sent* reached the caller; through a mixer, within
     what the mixer adds (the other parties' near silence)."""
+    check_bridge(call, call.topology)
     stream = analysis.StreamMap(call.packets, sent, mixed=call.topology.mixes)
     if stream.total == 0:  # say what arrived instead
         heads = [f"{p.sequence}:{p.payload[:8].hex()}" for p in call.packets[:12]]
@@ -176,6 +178,7 @@ async def test_caller_hangup_clears_pending_marks(
         await asyncio.sleep(0.1)
         await call.sip.hangup()
         await s.wait_closed()
+    check_bridge(call, topology)
     cleared = s.named("MARK_CLEARED")
     assert [e.mark_id for e in cleared] == ["h0", "h1", "h2"]
     assert {e.get_str("reason") for e in cleared} == {"hangup"}
@@ -198,6 +201,7 @@ async def test_bot_hangup_clears_pending_marks_and_ends_the_call(
         cleared = await s.wait_for("MARK_CLEARED")
         await s.wait_closed()
         await call.sip.wait_disconnected()
+    check_bridge(call, topology)
     assert cleared.mark_id == "pending"
     assert cleared.get_str("reason") == "hangup"
 
@@ -295,6 +299,7 @@ async def test_bad_input_gets_an_error_and_the_call_goes_on(
         await s.send_audio(audio.tagged_frames(5, 5))
         await s.command("MARK", "again")
         again = await s.wait_mark("again")
+    check_bridge(call, topology)
     assert (played.get_int("played_ms"), again.get_int("played_ms")) == (100, 200)
     assert not s.named("MARK_CLEARED")
 
@@ -330,6 +335,36 @@ async def test_the_pacer_keeps_the_caller_fed_and_knows_what_was_heard(
 
 
 @pytest.mark.parametrize(
+    "topology", [t for t in TOPOLOGIES.values() if t.mixes], ids=str, indirect=True
+)
+async def test_in_a_mixing_bridge_the_lead_is_fixed_in_a_call_and_varies_between_calls(
+    rig: Rig, topology: Topology
+) -> None:
+    """Eight calls of eight marks: MARK_PLAYED before the RTP of its byte by
+    the phase of the channel's timer against the mixer's, the same all through
+    a call, anywhere within one mixing interval from call to call."""
+    medians, spreads = [], []
+    for _ in range(8):
+        async with rig.call(topology=topology) as call:
+            sent, marks = await send_marked_chunks(call.session, 8, frames=5)
+            await call.session.wait_mark("c7")
+            await asyncio.sleep(0.1 + topology.mixing_interval_ms / 1000)
+        played = [(e.mark_id or "", e.t) for e in call.session.named("MARK_PLAYED")]
+        errors = analysis.mark_report(marks, played, stream_map(call, sent)).errors_ms
+        assert len(errors) == 8
+        medians.append(statistics.median(errors))
+        spreads.append(statistics.quantiles(errors, n=4)[2] - statistics.quantiles(errors, n=4)[0])
+    report(
+        f"{topology}: MARK_PLAYED - RTP per call, ms (8 calls)",
+        f"medians {min(medians):+.1f} to {max(medians):+.1f}, "
+        f"interquartile spread in a call at most {max(spreads):.1f}",
+    )
+    earliest = -(topology.mixing_interval_ms + SLACK_MS)
+    assert all(earliest < m < SLACK_MS for m in medians), medians
+    assert sorted(spreads)[len(spreads) // 2] < 3.0, spreads
+
+
+@pytest.mark.parametrize(
     "topology",
     [t for t in TOPOLOGIES.values() if t.creation is Creation.ARI],
     ids=str,
@@ -351,13 +386,12 @@ async def test_audio_sent_before_the_app_bridges_the_channel_is_not_heard(
         await s.command("MARK", "early")
         mark = await s.wait_mark("early")
         bridged = await rig.app.wait_bridged(call.tag)
-    entered = next(
-        e["timestamp"]
-        for e in rig.ari.events  # type: ignore[union-attr]
-        if e.get("type") == "ChannelEnteredBridge"
-        and e["channel"]["id"] == bridged.media_channel_id
+    assert rig.ari is not None
+    _, entered = await rig.ari.wait_event(
+        "ChannelEnteredBridge", channel_id=bridged.media_channel_id
     )
-    entered_t = datetime.datetime.strptime(entered, "%Y-%m-%dT%H:%M:%S.%f%z").timestamp()
+    stamp = entered["timestamp"]
+    entered_t = datetime.datetime.strptime(stamp, "%Y-%m-%dT%H:%M:%S.%f%z").timestamp()
     media_start = s.media_start
     assert media_start is not None
     report(
