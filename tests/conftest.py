@@ -10,6 +10,7 @@ see :class:`harness.rig.Services`.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
@@ -24,7 +25,7 @@ from harness.bot import BotSession
 from harness.caller import SipPhone
 from harness.capture import CaptureError, check_capture_possible
 from harness.ports import LOOPBACK
-from harness.rig import Rig, Services
+from harness.rig import LiveCall, Rig, Services
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 #: An Asterisk running elsewhere (docker compose), or None: one per test here.
@@ -65,6 +66,30 @@ async def send_marked_chunks(
         marks.append((f"c{k}", len(sent)))
         await session.command("MARK", f"c{k}")
     return sent, marks
+
+
+async def hang_up_with_marks_pending(call: LiveCall) -> None:
+    """2 s of audio, marks h0 to h2 behind it, and the caller hangs up 100 ms in."""
+    s = call.session
+    await s.send_audio(audio.tagged_frames(0, 100))
+    for k in range(3):
+        await s.command("MARK", f"h{k}")
+    await asyncio.sleep(0.1)
+    await call.sip.hangup()
+    await s.wait_closed()
+
+
+def check_cleared_by_hangup(session: BotSession) -> None:
+    """After :func:`hang_up_with_marks_pending`: every mark cleared, then the position."""
+    cleared = session.named("MARK_CLEARED")
+    assert [e.mark_id for e in cleared] == ["h0", "h1", "h2"]
+    assert {e.get_str("reason") for e in cleared} == {"hangup"}
+    assert not session.named("MARK_PLAYED")
+    (flushed,) = session.named("MEDIA_FLUSHED")
+    assert flushed.get_str("reason") == "hangup"
+    assert flushed.get_int("cleared_marks") == 3
+    assert 0 < flushed.get_int("played_ms") < 2000
+    assert flushed.get_int("played_ms") + flushed.get_int("discarded_ms") == 2000
 
 
 def need(condition: bool, reason: str) -> None:

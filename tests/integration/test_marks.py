@@ -14,7 +14,13 @@ import time
 from harness import analysis, audio
 from harness.events import ControlFormat
 from harness.rig import Rig
-from tests.conftest import need, report, send_marked_chunks
+from tests.conftest import (
+    check_cleared_by_hangup,
+    hang_up_with_marks_pending,
+    need,
+    report,
+    send_marked_chunks,
+)
 
 FRAME = audio.FRAME_BYTES
 
@@ -125,23 +131,17 @@ async def test_back_to_back_marks_resolve_together_in_order(rig: Rig, fmt: Contr
 async def test_flush_resolves_every_mark_and_reports_the_position(
     rig: Rig, fmt: ControlFormat
 ) -> None:
-    sent = b""
     async with rig.call(control_format=fmt) as call:
         s = call.session
-        for k in range(5):
-            chunk = audio.tagged_frames(k * 10, 10)
-            await s.send_audio(chunk)
-            sent += chunk
-            await s.command("MARK", f"m{k}")
+        sent, marks = await send_marked_chunks(s, 5)
         await asyncio.sleep(0.3)
         await s.command("FLUSH_MEDIA")
         flushed = await s.wait_for("MEDIA_FLUSHED")
         await asyncio.sleep(0.2)
     events = call.session.named("MARK_PLAYED", "MARK_CLEARED")
-    assert sorted(e.mark_id or "" for e in events) == [f"m{k}" for k in range(5)], (
-        "every mark resolved exactly once"
-    )
-    assert [e.mark_id for e in events] == [f"m{k}" for k in range(5)], "in queue order"
+    ids = [m for m, _ in marks]
+    assert sorted(e.mark_id or "" for e in events) == ids, "every mark resolved exactly once"
+    assert [e.mark_id for e in events] == ids, "in queue order"
     cleared = call.session.named("MARK_CLEARED")
     assert cleared, "a flush after 300 ms leaves marks pending"
     assert {e.get_str("reason") for e in cleared} == {"flush"}
@@ -178,21 +178,8 @@ async def test_caller_hangup_clears_pending_marks_before_the_socket_closes(
     rig: Rig, fmt: ControlFormat
 ) -> None:
     async with rig.call(control_format=fmt) as call:
-        s = call.session
-        await s.send_audio(audio.tagged_frames(0, 100))
-        for k in range(3):
-            await s.command("MARK", f"h{k}")
-        await asyncio.sleep(0.1)
-        await call.sip.hangup()
-        await s.wait_closed()
-    cleared = call.session.named("MARK_CLEARED")
-    assert [e.mark_id for e in cleared] == ["h0", "h1", "h2"]
-    assert {e.get_str("reason") for e in cleared} == {"hangup"}
-    (flushed,) = call.session.named("MEDIA_FLUSHED")
-    assert flushed.get_str("reason") == "hangup"
-    assert flushed.get_int("cleared_marks") == 3
-    assert 0 < flushed.get_int("played_ms") < 2000
-    assert flushed.get_int("played_ms") + flushed.get_int("discarded_ms") == 2000
+        await hang_up_with_marks_pending(call)
+    check_cleared_by_hangup(call.session)
 
 
 async def test_bot_hangup_clears_pending_marks(rig: Rig, fmt: ControlFormat) -> None:

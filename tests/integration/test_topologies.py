@@ -17,6 +17,7 @@ interval after MARK_PLAYED, so the bound is that interval earlier.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import datetime
 import statistics
@@ -32,7 +33,13 @@ from harness.events import ControlFormat
 from harness.pacer import Pacer
 from harness.rig import LiveCall, Rig
 from harness.topology import TOPOLOGIES, Creation, Topology
-from tests.conftest import failed, report, send_marked_chunks
+from tests.conftest import (
+    check_cleared_by_hangup,
+    failed,
+    hang_up_with_marks_pending,
+    report,
+    send_marked_chunks,
+)
 from tests.integration.test_bad_input import expect_error
 from tests.integration.test_strict_client import check_strictly, masked, upstream_session
 
@@ -48,6 +55,15 @@ def topology(request: pytest.FixtureRequest) -> Topology:
     return value
 
 
+@contextlib.asynccontextmanager
+async def shared_rig(
+    install: Path, name: str, phone: SipPhone, factory: pytest.TempPathFactory
+) -> AsyncIterator[Rig]:
+    """One Asterisk with ARI for every test of a topology (a module's)."""
+    async with Rig(install, factory.mktemp(name), phone=phone, ari=True, name=name) as r:
+        yield r
+
+
 @pytest.fixture(scope="module")
 async def topology_rig(
     topology: Topology,
@@ -56,9 +72,8 @@ async def topology_rig(
     capture_ok: None,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> AsyncIterator[Rig]:
-    """One patched Asterisk with ARI for every test of a topology."""
-    workdir = tmp_path_factory.mktemp(f"topology-{topology}")
-    async with Rig(install, workdir, phone=phone, ari=True, name=f"asterisk-{topology}") as r:
+    """The patched build's."""
+    async with shared_rig(install, f"asterisk-{topology}", phone, tmp_path_factory) as r:
         yield r
 
 
@@ -135,20 +150,15 @@ async def test_marks_resolve_once_in_order_at_exact_positions(
 async def test_flush_clears_pending_marks_and_reports_what_was_played(
     rig: Rig, topology: Topology, fmt: ControlFormat
 ) -> None:
-    sent = b""
     async with rig.call(control_format=fmt, topology=topology) as call:
         s = call.session
-        for k in range(5):
-            chunk = audio.tagged_frames(k * 10, 10)
-            await s.send_audio(chunk)
-            sent += chunk
-            await s.command("MARK", f"m{k}")
+        sent, marks = await send_marked_chunks(s, 5)
         await asyncio.sleep(0.3)
         await s.command("FLUSH_MEDIA")
         flushed = await s.wait_for("MEDIA_FLUSHED")
         await asyncio.sleep(0.2 + topology.mixing_interval_ms / 1000)
     resolved = s.named("MARK_PLAYED", "MARK_CLEARED")
-    assert [e.mark_id for e in resolved] == [f"m{k}" for k in range(5)], "each once, in order"
+    assert [e.mark_id for e in resolved] == [m for m, _ in marks], "each once, in order"
     cleared = s.named("MARK_CLEARED")
     assert cleared, "a flush after 300 ms leaves marks pending"
     assert {e.get_str("reason") for e in cleared} == {"flush"}
@@ -171,23 +181,9 @@ async def test_caller_hangup_clears_pending_marks(
     rig: Rig, topology: Topology, fmt: ControlFormat
 ) -> None:
     async with rig.call(control_format=fmt, topology=topology) as call:
-        s = call.session
-        await s.send_audio(audio.tagged_frames(0, 100))
-        for k in range(3):
-            await s.command("MARK", f"h{k}")
-        await asyncio.sleep(0.1)
-        await call.sip.hangup()
-        await s.wait_closed()
+        await hang_up_with_marks_pending(call)
     check_bridge(call, topology)
-    cleared = s.named("MARK_CLEARED")
-    assert [e.mark_id for e in cleared] == ["h0", "h1", "h2"]
-    assert {e.get_str("reason") for e in cleared} == {"hangup"}
-    assert not s.named("MARK_PLAYED")
-    (flushed,) = s.named("MEDIA_FLUSHED")
-    assert flushed.get_str("reason") == "hangup"
-    assert flushed.get_int("cleared_marks") == 3
-    assert 0 < flushed.get_int("played_ms") < 2000
-    assert flushed.get_int("played_ms") + flushed.get_int("discarded_ms") == 2000
+    check_cleared_by_hangup(call.session)
 
 
 async def test_bot_hangup_clears_pending_marks_and_ends_the_call(
@@ -411,11 +407,8 @@ async def upstream_topology_rig(
     capture_ok: None,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> AsyncIterator[Rig]:
-    """One unpatched Asterisk with ARI for the topology."""
-    workdir = tmp_path_factory.mktemp(f"upstream-topology-{topology}")
-    async with Rig(
-        upstream_install, workdir, phone=phone, ari=True, name=f"upstream-{topology}"
-    ) as r:
+    """The unpatched build's."""
+    async with shared_rig(upstream_install, f"upstream-{topology}", phone, tmp_path_factory) as r:
         yield r
 
 
