@@ -136,6 +136,7 @@ test-asan: setup
 	$(ASAN_ENV) HARNESS_FUZZ_MESSAGES=$(FUZZ_MESSAGES) $(PY) -m pytest \
 		tests/integration/test_marks.py tests/integration/test_bad_input.py \
 		tests/integration/test_call.py tests/integration/test_hostile.py \
+		tests/integration/test_topologies.py \
 		tests/integration/test_fuzz.py -k "not upstream" $(PYTEST_ARGS)
 	@$(ASAN_CHECK)
 
