@@ -10,7 +10,8 @@ In a two-party bridge the frame chan_websocket hands to the core leaves as
 RTP at once, so MARK_PLAYED is as exact as the hand-over. In a softmix bridge
 the mixer takes the frame at its next mixing tick: the audio leaves up to one
 mixing interval (20 ms by default) after the hand-over, at a phase that
-differs per call. Positions (bytes, ms) are exact in every topology.
+differs per call, and up to four intervals after it when the mixer's thread
+falls behind. Positions (bytes, ms) are exact in every topology.
 """
 
 from __future__ import annotations
@@ -37,8 +38,12 @@ class Bridging(enum.Enum):
 
 
 #: The mixing interval of a softmix bridge that ARI creates (bridge_softmix's
-#: default), in ms: how much later than the hand-over the audio may leave.
+#: default), in ms: how much later than the hand-over the audio usually leaves.
 SOFTMIX_INTERVAL_MS = 20
+#: How many intervals of a channel's audio softmix keeps waiting before it
+#: drops them (softmix_bridge_write_voice): the most the audio can lag when
+#: the mixer's thread falls behind.
+SOFTMIX_QUEUED_INTERVALS = 4
 
 
 @dataclass(frozen=True)
@@ -66,8 +71,13 @@ class Topology:
 
     @property
     def mixing_interval_ms(self) -> int:
-        """How much later than the hand-over the audio may leave (0: at once)."""
+        """How much later than the hand-over the audio usually leaves (0: at once)."""
         return SOFTMIX_INTERVAL_MS if self.mixes else 0
+
+    @property
+    def max_lag_ms(self) -> int:
+        """The most it can leave later: the mixer's queue of a channel's audio."""
+        return SOFTMIX_QUEUED_INTERVALS * SOFTMIX_INTERVAL_MS if self.mixes else 0
 
     def plan(self) -> MediaPlan:
         """The ARI app's plan for a call in this topology."""

@@ -26,6 +26,8 @@ def test_every_topology_has_a_plan_and_says_what_it_needs() -> None:
     assert TOPOLOGIES["ari-softmix"].plan() == MediaPlan(bridge_type="mixing,video_sfu")
     assert TOPOLOGIES["ari-third-party"].plan() == MediaPlan(third_party=True)
     assert TOPOLOGIES["ari-softmix"].mixing_interval_ms == SOFTMIX_INTERVAL_MS
+    assert TOPOLOGIES["ari-third-party"].max_lag_ms == 4 * SOFTMIX_INTERVAL_MS
+    assert DIAL.max_lag_ms == 0
 
 
 def test_an_unknown_topology_names_the_known_ones() -> None:

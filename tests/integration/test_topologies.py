@@ -112,13 +112,14 @@ def check_bridge(call: LiveCall, topology: Topology) -> None:
 
 def check_timing(errors_ms: list[float], topology: Topology, what: str) -> analysis.Summary:
     """MARK_PLAYED minus the RTP departure of the byte before the mark: about
-    0 in a two-party bridge, up to one mixing interval earlier in a mixing one."""
+    0 in a two-party bridge; in a mixing one up to one mixing interval earlier,
+    up to four when the mixer's thread has fallen behind (a loaded machine)."""
     summary = analysis.Summary.of(errors_ms)
     report(f"{topology}: {what}", summary)
-    low = -(topology.mixing_interval_ms + SLACK_MS)
+    low = -(topology.max_lag_ms + SLACK_MS)
     assert low < summary.median < SLACK_MS, summary
     # Most within a few ms; one held up now and then by the shared machine.
-    earliest = -(topology.mixing_interval_ms + MAX_SLACK_MS)
+    earliest = -(topology.max_lag_ms + MAX_SLACK_MS)
     near = [e for e in errors_ms if earliest < e < MAX_SLACK_MS]
     assert len(near) >= 0.75 * len(errors_ms), summary
     assert all(abs(e) < STALL_MS for e in errors_ms), summary
@@ -337,8 +338,10 @@ async def test_in_a_mixing_bridge_the_lead_is_fixed_in_a_call_and_varies_between
     rig: Rig, topology: Topology
 ) -> None:
     """Eight calls of eight marks: MARK_PLAYED before the RTP of its byte by
-    the phase of the channel's timer against the mixer's, the same all through
-    a call, anywhere within one mixing interval from call to call."""
+    the phase of the channel's timer against the mixer's, steady through a
+    call, anywhere within one mixing interval from call to call; more in a
+    call whose mixer fell behind (seen under AddressSanitizer: 26 ms), never
+    more than the four intervals softmix queues."""
     medians, spreads = [], []
     for _ in range(8):
         async with rig.call(topology=topology) as call:
@@ -355,8 +358,9 @@ async def test_in_a_mixing_bridge_the_lead_is_fixed_in_a_call_and_varies_between
         f"medians {min(medians):+.1f} to {max(medians):+.1f}, "
         f"interquartile spread in a call at most {max(spreads):.1f}",
     )
-    earliest = -(topology.mixing_interval_ms + SLACK_MS)
-    assert all(earliest < m < SLACK_MS for m in medians), medians
+    usual = [m for m in medians if -(topology.mixing_interval_ms + SLACK_MS) < m < SLACK_MS]
+    assert len(usual) >= 0.75 * len(medians), medians
+    assert all(-(topology.max_lag_ms + SLACK_MS) < m < SLACK_MS for m in medians), medians
     assert sorted(spreads)[len(spreads) // 2] < 3.0, spreads
 
 
