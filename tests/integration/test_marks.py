@@ -182,19 +182,6 @@ async def test_caller_hangup_clears_pending_marks_before_the_socket_closes(
     check_cleared_by_hangup(call.session)
 
 
-async def test_bot_hangup_clears_pending_marks(rig: Rig, fmt: ControlFormat) -> None:
-    async with rig.call(control_format=fmt) as call:
-        s = call.session
-        await s.send_audio(audio.tagged_frames(0, 50))
-        await s.command("MARK", "pending")
-        await s.command("HANGUP")
-        cleared = await s.wait_for("MARK_CLEARED")
-        await s.wait_closed()
-        await call.sip.wait_disconnected()
-    assert cleared.mark_id == "pending"
-    assert cleared.get_str("reason") == "hangup"
-
-
 async def test_media_direction_in_holds_media_and_marks(rig: Rig) -> None:
     """Direction 'in' stops the timer; 'both' re-creates it and the queue plays on."""
     async with rig.call(control_format=ControlFormat.JSON) as call:
