@@ -105,6 +105,7 @@ class SipCall:
         self.record = record
         self._pj_call: Any = None
         self._recorder: Any = None
+        self._sending = False
         self._player: Any = None
         self._media_index: int | None = None
         self.confirmed: asyncio.Future[None] = phone.loop.create_future()
@@ -416,6 +417,14 @@ class SipPhone(Service):
             rec.remote_rtp = str(tp.srcRtpName)
         except Exception:
             log.exception("caller: no media transport info")
+        if not call._sending:
+            # A phone sends RTP all through the call; with the null device,
+            # silence. (Without a source pjsua sends some calls' RTP and not
+            # others', which made Asterisk's work per call differ.)
+            self.pj.Endpoint.instance().audDevManager().getCaptureDevMedia().startTransmit(
+                pj_call.getAudioMedia(index)
+            )
+            call._sending = True
         if rec.recording is not None and call._recorder is None:
             recorder = self.pj.AudioMediaRecorder()
             recorder.createRecorder(str(rec.recording))
