@@ -5,13 +5,21 @@ real link whose traffic can be shaped in each direction: packets dropped at
 random (loss), all of them (a black hole: no reset, nothing), or held for a
 delay with jitter. ``tc netem`` would do all of it, but this machine's kernel
 has no netem qdisc ("Specified qdisc kind is unknown") and no nftables
-queue, so the namespace's own iptables rules drop packets (the statistic
-match), and a delay goes through NFQUEUE to :class:`DelayQueue` (fnfqueue).
-Needs root (``ip netns``, ``iptables-legacy``).
+queue, so iptables rules drop packets (the statistic match), and a delay goes
+through NFQUEUE to :class:`DelayQueue` (fnfqueue). Needs root (``ip netns``,
+``iptables-legacy``).
+
+Each direction is shaped where its packets arrive, as a network between two
+hosts would delay them: towards the bot in the namespace's INPUT chain, back
+in a chain of this namespace's (``AMK-<tag>``, reached from INPUT for the
+link's interface only). Holding packets at the sender instead would throttle
+the sender's own TCP: Linux does not send more while a socket's earlier
+packets are still held (TCP small queues, autocorking), so a command sent
+just after audio would wait for the audio's delay to end too.
 
 Everything is removed by :meth:`NetNs.stop`, also after a failure, and
 :func:`remove_stale` removes what a killed run left behind (names start with
-:data:`PREFIX`).
+:data:`PREFIX`, chains with :data:`CHAIN_PREFIX`).
 """
 
 from __future__ import annotations
@@ -39,10 +47,14 @@ log = logging.getLogger(__name__)
 
 #: Every namespace and link this module makes is named with it.
 PREFIX = "amk"
+#: The iptables chains this module makes here (for the traffic back).
+CHAIN_PREFIX = "AMK-"
 CLONE_NEWNET = 0x40000000
-#: The NFQUEUE numbers of the delays towards the namespace and back.
+#: The NFQUEUE number of the delay towards the namespace (in it).
 QUEUE_TO_NS = 1
-QUEUE_TO_HOST = 2
+#: NFQUEUE numbers of delays back (here, one per namespace): this plus 1..250.
+QUEUE_TO_HOST_BASE = 31000
+IPTABLES = ("iptables-legacy", "-w")
 T = TypeVar("T")
 
 
@@ -81,6 +93,20 @@ def remove_stale() -> list[str]:
             if link.startswith(f"{PREFIX}h"):
                 subprocess.run(["ip", "link", "del", link], capture_output=True, check=False)
                 removed.append(link)
+    for line in _run(*IPTABLES, "-S").splitlines():
+        parts = line.split()
+        if (
+            parts[:1] == ["-A"]
+            and "-j" in parts
+            and parts[parts.index("-j") + 1].startswith(CHAIN_PREFIX)
+        ):
+            subprocess.run([*IPTABLES, "-D", *parts[1:]], capture_output=True, check=False)
+    for line in _run(*IPTABLES, "-S").splitlines():
+        parts = line.split()
+        if parts[:1] == ["-N"] and parts[1].startswith(CHAIN_PREFIX):
+            subprocess.run([*IPTABLES, "-F", parts[1]], capture_output=True, check=False)
+            subprocess.run([*IPTABLES, "-X", parts[1]], capture_output=True, check=False)
+            removed.append(parts[1])
     if removed:
         log.info("netns: removed stale %s", ", ".join(removed))
     return removed
@@ -133,6 +159,8 @@ class NetNs(Service):
         octet = int(tag[:2], 16) % 250 + 1
         self.host_ip = f"10.213.{octet}.1"
         self.ns_ip = f"10.213.{octet}.2"
+        self.chain = f"{CHAIN_PREFIX}{tag}"
+        self.queue_to_host = QUEUE_TO_HOST_BASE + octet
         self._made: list[str] = []
         self._delays: dict[int, DelayQueue] = {}
 
@@ -151,6 +179,9 @@ class NetNs(Service):
         _run("ip", "-n", self.name, "addr", "add", f"{self.ns_ip}/30", "dev", self.ns_if)
         _run("ip", "-n", self.name, "link", "set", self.ns_if, "up")
         _run("ip", "-n", self.name, "link", "set", "lo", "up")
+        _run(*IPTABLES, "-N", self.chain)
+        self._made.append("chain")
+        _run(*IPTABLES, "-I", "INPUT", "-i", self.host_if, "-j", self.chain)
         log.info("netns: %s up (%s here, %s there)", self.name, self.host_ip, self.ns_ip)
 
     async def stop(self) -> None:
@@ -160,6 +191,13 @@ class NetNs(Service):
         for delay in self._delays.values():
             delay.stop()
         self._delays.clear()
+        if "chain" in self._made:
+            for args in (
+                ("-D", "INPUT", "-i", self.host_if, "-j", self.chain),
+                ("-F", self.chain),
+                ("-X", self.chain),
+            ):
+                subprocess.run([*IPTABLES, *args], capture_output=True, check=False)
         if "link" in self._made:
             subprocess.run(["ip", "link", "del", self.host_if], capture_output=True, check=False)
         if "netns" in self._made:
@@ -172,28 +210,34 @@ class NetNs(Service):
         await asyncio.to_thread(self._shape, to_ns, to_host)
 
     def _shape(self, to_ns: Shape, to_host: Shape) -> None:
-        for queue, shape in ((QUEUE_TO_NS, to_ns), (QUEUE_TO_HOST, to_host)):
+        for queue, shape, there in (
+            (QUEUE_TO_NS, to_ns, True),
+            (self.queue_to_host, to_host, False),
+        ):
             old = self._delays.pop(queue, None)
             if old is not None:
                 old.stop()
             if (shape.delay_ms or shape.jitter_ms) and not shape.blackhole:
-                delay = DelayQueue(self, queue, shape.delay_ms, shape.jitter_ms)
+                delay = DelayQueue(self, queue, shape.delay_ms, shape.jitter_ms, in_ns=there)
                 delay.start()
                 self._delays[queue] = delay
-        ipt = ["ip", "netns", "exec", self.name, "iptables-legacy", "-w"]
+        ipt = ["ip", "netns", "exec", self.name, *IPTABLES]
         _run(*ipt, "-F", "INPUT")
-        _run(*ipt, "-F", "OUTPUT")
+        _run(*IPTABLES, "-F", self.chain)
         for rule in to_ns.rules(QUEUE_TO_NS):
             _run(*ipt, "-A", "INPUT", "-i", self.ns_if, *rule)
-        for rule in to_host.rules(QUEUE_TO_HOST):
-            _run(*ipt, "-A", "OUTPUT", "-o", self.ns_if, *rule)
+        for rule in to_host.rules(self.queue_to_host):
+            _run(*IPTABLES, "-A", self.chain, *rule)
         log.info("netns: %s shaped: to it %s, back %s", self.name, to_ns, to_host)
 
     def listening_socket(self, port: int = 0) -> socket.socket:
         """A TCP socket listening on the namespace's address (made in the namespace)."""
 
         def make() -> socket.socket:
-            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            # IPPROTO_TCP named, as getaddrinfo would: asyncio sets TCP_NODELAY
+            # on the accepted connections only then (else Nagle holds each
+            # small message back until the last one is acknowledged).
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             sock.bind((self.ns_ip, port))
             sock.listen(16)
@@ -238,14 +282,18 @@ class NetNs(Service):
 class DelayQueue:
     """Holds each packet of an NFQUEUE for a delay with jitter, then lets it go.
 
-    What ``tc netem delay`` would do where there is no netem: the namespace's
-    nftables queue the packets (``queue num N bypass``), and a netlink
-    connection made in the namespace (fnfqueue) gives each its verdict when
-    its time has come. Jitter can reorder packets, as netem's does.
+    What ``tc netem delay`` would do where there is no netem: iptables queue
+    the packets (``NFQUEUE --queue-num N --queue-bypass``), and a netlink
+    connection made in the same namespace (fnfqueue) gives each its verdict
+    when its time has come. Jitter can reorder packets, as netem's does.
     """
 
-    def __init__(self, ns: NetNs, queue: int, delay_ms: int, jitter_ms: int) -> None:
+    def __init__(
+        self, ns: NetNs, queue: int, delay_ms: int, jitter_ms: int, *, in_ns: bool = True
+    ) -> None:
+        """*in_ns*: the queue is the namespace's (else this namespace's)."""
         self.ns = ns
+        self.in_ns = in_ns
         self.queue = queue
         self.delay = delay_ms / 1000
         self.jitter = jitter_ms / 1000
@@ -270,7 +318,7 @@ class DelayQueue:
             queue.set_mode(0xFFFF, fnfqueue.COPY_META)
             return conn
 
-        self._conn = self.ns.inside(connect)
+        self._conn = self.ns.inside(connect) if self.in_ns else connect()
         for target in (self._receive, self._release):
             thread = threading.Thread(target=target, daemon=True)
             thread.start()
