@@ -22,6 +22,7 @@ import contextlib
 import enum
 import itertools
 import logging
+import statistics
 import time
 from collections.abc import AsyncIterable, AsyncIterator
 from dataclasses import dataclass, field
@@ -34,6 +35,8 @@ from harness.events import Event
 log = logging.getLogger(__name__)
 
 _responses = itertools.count(1)
+#: Seconds between round-trip measurements while a response plays.
+ROUND_TRIP_EVERY_S = 2.0
 
 
 class Strategy(enum.StrEnum):
@@ -99,6 +102,13 @@ class Pacer:
         # When the audio sent so far will have finished playing: a clock
         # estimate, which the marks strategy re-anchors at every report.
         self._play_end = 0.0
+        # The same from the clock alone, never re-anchored: what a bot
+        # without marks would believe (the benchmark compares the two).
+        self._wall_end = 0.0
+        # Round trips of a command to Asterisk and back (s), measured while a
+        # response plays: a report is half of one older than it looks, and
+        # audio sent now arrives half of one later.
+        self._round_trips: collections.deque[float] = collections.deque(maxlen=4)
         # Recent sends (time, ms), to replay those after a report on top of it.
         self._sends: list[tuple[float, float]] = []
         self._event_cursor = len(session.events) - 1
@@ -111,9 +121,11 @@ class Pacer:
     def _update_anchor(self) -> None:
         """Re-anchor the estimate on the newest MARK_PLAYED or MEDIA_PROGRESS.
 
-        The report says how much was queued when Asterisk sent it; audio the
-        bot sent after the report arrived was not in it, so it is added on
-        top, each piece from the moment it was sent.
+        The report says how much was queued when Asterisk sent it, a one-way
+        delay before the bot read it. Audio the bot sent less than a round
+        trip before reading it had not reached Asterisk then, so it was not
+        in the report: it is added on top, each piece from the moment it
+        arrives (a one-way delay after it was sent).
         """
         anchor = None
         for event in self.session.events[self._event_cursor + 1 :]:
@@ -122,18 +134,54 @@ class Pacer:
                 anchor = event
         if anchor is None:
             return
-        play_end = anchor.t + anchor.get_int("queued_ms") / 1000
+        one_way = self._one_way_s()
+        play_end = anchor.t - one_way + anchor.get_int("queued_ms") / 1000
+        cutoff = anchor.t - 2 * one_way
         for sent_at, ms in self._sends:
-            if sent_at > anchor.t:
-                play_end = max(play_end, sent_at) + ms / 1000
+            if sent_at > cutoff:
+                play_end = max(play_end, sent_at + one_way) + ms / 1000
         self._play_end = play_end
-        self._sends = [(t, ms) for t, ms in self._sends if t > anchor.t]
+        self._sends = [(t, ms) for t, ms in self._sends if t > cutoff]
+
+    def _one_way_s(self) -> float:
+        """Half the median recent round trip: the link's delay each way (s)."""
+        return statistics.median(self._round_trips) / 2 if self._round_trips else 0.0
 
     def queued_ms(self) -> float:
         """How much audio the pacer believes Asterisk still has queued, now."""
         if self.strategy is Strategy.MARKS and not self.fallback:
             self._update_anchor()
-        return self._clock_queued_ms(time.time())
+            return self._clock_queued_ms(time.time())
+        return max(0.0, self._wall_end - time.time()) * 1000
+
+    def link_ms(self) -> float:
+        """How much more than ``target_ms`` the marks strategy keeps queued (ms).
+
+        Audio sent now reaches Asterisk a one-way delay later, so that much
+        more must be queued by the bot's reckoning; and the round trips vary
+        (jitter, a TCP retransmission), so the longest of the last few beyond
+        their median is added. Measured by :meth:`_measure_round_trips` while a response
+        plays. (A clock estimate needs no such allowance while the delay is
+        steady: it is late by the same delay at both ends.)
+        """
+        if self.strategy is not Strategy.MARKS or self.fallback or not self._round_trips:
+            return 0.0
+        spread = max(self._round_trips) - statistics.median(self._round_trips)
+        return (self._one_way_s() + spread) * 1000
+
+    async def _measure_round_trips(self) -> None:
+        """Time a GET_STATUS to its STATUS (answered at once) every few seconds."""
+        while True:
+            after = len(self.session.events) - 1
+            sent = time.time()
+            try:
+                await self.session.command("GET_STATUS")
+                status = await self.session.wait_for("STATUS", after=after, timeout=10)
+            except Exception as exc:  # the call ended; nothing to measure
+                log.debug("pacer: no round trip measured: %s", exc)
+                return
+            self._round_trips.append(max(0.0, status.t - sent))
+            await asyncio.sleep(ROUND_TRIP_EVERY_S)
 
     async def _wait_event(self, names: tuple[str, ...], timeout: float) -> None:
         """Wait up to *timeout* s for one of *names* (none: just the time), or barge-in.
@@ -163,7 +211,7 @@ class Pacer:
     async def _wait_queue_below(self, threshold_ms: float) -> None:
         """Wait until at most *threshold_ms* of audio is queued (or barge-in)."""
         while not self._barge_in.is_set():
-            excess = self.queued_ms() - threshold_ms
+            excess = self.queued_ms() - threshold_ms - self.link_ms()
             if excess <= 0:
                 return
             if self.strategy is Strategy.MARKS and not self.fallback:
@@ -202,6 +250,7 @@ class Pacer:
         iterator = aiter(chunks)
         offset = self.session.bytes_sent
         drained_after = -1
+        timing = asyncio.create_task(self._measure_round_trips()) if use_mark else None
         try:
             while not self._barge_in.is_set():
                 # Ask the engine for the next chunk only once the queue is low
@@ -225,6 +274,10 @@ class Pacer:
                     drained_after = len(self.session.events) - 1
                     await self.session.command("REPORT_QUEUE_DRAINED")
         finally:
+            if timing is not None:
+                timing.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await timing
             close = getattr(iterator, "aclose", None)
             if close is not None:
                 with contextlib.suppress(Exception):
@@ -294,6 +347,7 @@ class Pacer:
         await self.session.send_audio(data)
         chunk.sent = now
         self._play_end = max(self._play_end, now) + audio.ms_of(len(data)) / 1000
+        self._wall_end = max(self._wall_end, now) + audio.ms_of(len(data)) / 1000
         self._sends.append((now, audio.ms_of(len(data))))
         mark_id = f"{prefix}-{chunk.index}"
         if use_mark:
@@ -305,11 +359,29 @@ class Pacer:
         return mark_id
 
     def clock_heard_ms(self) -> float:
-        """How much of the current response a clock estimate says was played."""
+        """How much of the current response a clock alone says was played (ms).
+
+        What a bot without marks would know: 1 ms per 8 bytes since each
+        chunk was sent, never corrected by Asterisk's reports.
+        """
         if self._current is None:
             return 0.0
         sent_ms = audio.ms_of(self._current.sent_bytes)
-        return max(0.0, sent_ms - self._clock_queued_ms(time.time()))
+        return max(0.0, sent_ms - max(0.0, self._wall_end - time.time()) * 1000)
+
+    def marks_heard_ms(self) -> float:
+        """How much of the current response the marks say was played (ms).
+
+        The clock estimate re-anchored at the newest MARK_PLAYED or
+        MEDIA_PROGRESS (the position Asterisk reported, a one-way delay old);
+        without marks, the clock's.
+        """
+        if self._current is None:
+            return 0.0
+        if self.strategy is not Strategy.MARKS or self.fallback:
+            return self.clock_heard_ms()
+        sent_ms = audio.ms_of(self._current.sent_bytes)
+        return max(0.0, sent_ms - self.queued_ms())
 
     def barge_in(self) -> None:
         """Interrupt the response: stop sending, flush, and work out what was heard."""
@@ -321,6 +393,7 @@ class Pacer:
         after = len(self.session.events) - 1
         await self.session.command("FLUSH_MEDIA")
         self._play_end = 0.0
+        self._wall_end = 0.0
         if not use_mark:
             result.heard_ms = clock_heard
             return
