@@ -18,6 +18,7 @@ import signal
 import socket
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from harness import config
@@ -83,9 +84,13 @@ class Asterisk(Service):
         required: tuple[str, ...] = (),
         name: str = "asterisk",
         ari: bool = False,
+        wrapper: Sequence[str] = (),
     ) -> None:
-        """*ari*: ARI on, for :attr:`ari_settings` (and what ARI topologies need)."""
+        """*ari*: ARI on, for :attr:`ari_settings` (and what ARI topologies need);
+        *wrapper*: a command Asterisk runs under (valgrind, say), which must
+        exec it in the same process."""
         self.name = name
+        self.wrapper = tuple(wrapper)
         self.install = install
         self._own_sandbox = sandbox is None
         # Short path: the control socket's path must fit in sockaddr_un.
@@ -189,7 +194,7 @@ class Asterisk(Service):
                 f"{self.name}: SIP port {LOOPBACK}:{self.sip_port}/udp is already in use"
             )
         config.write(self.settings)
-        cmd = [str(self.binary), "-f", "-n", "-C", str(self.settings.asterisk_conf)]
+        cmd = [*self.wrapper, str(self.binary), "-f", "-n", "-C", str(self.settings.asterisk_conf)]
         log.info("%s: starting %s", self.name, " ".join(cmd))
         console = self._console.open("wb")
         try:

@@ -25,7 +25,7 @@ import os
 import socket
 import time
 import uuid
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -136,9 +136,15 @@ class Rig(Service):
         services: Services | None = None,
         bot: BotServer | None = None,
         ari: bool = False,
+        asterisk_wrapper: Sequence[str] = (),
+        boot_timeout: float | None = None,
     ) -> None:
         """*bot* is the bot server Asterisk dials (default: one on loopback);
-        *ari*: ARI on, and the ARI app of the topologies that need it."""
+        *ari*: ARI on, and the ARI app of the topologies that need it;
+        *asterisk_wrapper*: a command Asterisk runs under (valgrind), with
+        *boot_timeout* s to boot (default: :meth:`Asterisk.start`'s)."""
+        self.asterisk_wrapper = tuple(asterisk_wrapper)
+        self.boot_timeout = boot_timeout
         if install is None and services is None:
             raise ValueError("a rig needs an Asterisk install or running services")
         self.install = install
@@ -188,8 +194,14 @@ class Rig(Service):
             )
         else:
             assert self.install is not None
-            self.asterisk = Asterisk(self.install, self.bot.uri, name=self.name, ari=self.want_ari)
-            await self.asterisk.start()
+            self.asterisk = Asterisk(
+                self.install,
+                self.bot.uri,
+                name=self.name,
+                ari=self.want_ari,
+                wrapper=self.asterisk_wrapper,
+            )
+            await self.asterisk.start(self.boot_timeout)
             self.sip_port = self.asterisk.sip_port
             if self.want_ari:
                 await self._start_ari(self.asterisk)
