@@ -33,10 +33,10 @@ readonly RUNTIME_PACKAGES=(
 )
 # The harness: capture, the spoken prompt, the virtualenv, the test hosts
 # of the network fault tests (ip netns, iptables' NFQUEUE and statistic, ss),
-# and upstream's testsuite (its virtualenv builds netifaces; runtests.py
-# calls killall).
+# upstream's testsuite (its virtualenv builds netifaces; runtests.py
+# calls killall), and the benchmark's instruction counts (callgrind).
 readonly TOOL_PACKAGES=(libpcap0.8 tcpdump espeak-ng sox python3-venv iproute2 iptables
-	python3-dev psmisc)
+	python3-dev psmisc valgrind)
 # Base images built from Debian's archive where no registry answers.
 readonly DOCKER_BASE_PACKAGES=(debootstrap)
 
