@@ -226,6 +226,13 @@ class StreamMap:
         i = bisect.bisect_right(self.starts, offset) - 1
         return self.times[i]
 
+    def played_by(self, t: float) -> int:
+        """Bytes of the stream carried by the packets that left at or before *t*."""
+        i = bisect.bisect_right(self.times, t)
+        if i == 0:
+            return 0
+        return self.starts[i] if i < len(self.starts) else self.total
+
     def gaps(self, slot_ms: float = 20.0) -> list[tuple[float, int, int]]:
         """Silences inside the stream: (time, slots missed, offset resumed at)."""
         result = []
