@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import contextlib
 import functools
 import logging
 import os
@@ -24,18 +25,21 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from harness import analysis, audio, tts
+from harness import analysis, audio, bench_link, instructions, tts
 from harness.analysis import MarkReport, StreamMap, Summary
 from harness.events import ProtocolError, parse_event
 from harness.pacer import Pacer, Strategy
 from harness.pcap import TcpdumpCapture, read_packets, rtp_by_destination, websocket_messages
 from harness.phonepool import PhonePool
 from harness.rig import LiveCall, Rig
+from harness.topology import DIAL, TOPOLOGIES, Topology
 
 log = logging.getLogger(__name__)
 
 Progress = Callable[[str], None]
 ACKS = ("MARK_PLAYED", "MEDIA_MARK_PROCESSED")
+#: The parts of the benchmark, in the order they run.
+SECTIONS = ("timing", "cpu", "pacing", "bargein", "topologies", "link", "instructions")
 
 
 @dataclass(frozen=True)
@@ -51,6 +55,15 @@ class BenchConfig:
     pacing_ms: int = 60_000
     bargein_trials: int = 10
     seed: int = 7
+    #: the bot across a shaped link, a long response, a loaded Asterisk
+    link: bench_link.LinkConfig | None = field(default_factory=bench_link.LinkConfig)
+    #: instructions (callgrind): seconds per load and rounds of each (0: none)
+    instr_seconds: float = 10.0
+    instr_rounds: int = 3
+    #: seconds of marked audio per topology (0: no topology table)
+    topology_seconds: float = 4.0
+    #: which parts run (:data:`SECTIONS`)
+    sections: tuple[str, ...] = SECTIONS
 
     @classmethod
     def quick(cls) -> BenchConfig:
@@ -62,6 +75,10 @@ class BenchConfig:
             cpu_seconds=3.0,
             pacing_ms=6000,
             bargein_trials=3,
+            link=bench_link.LinkConfig.quick(),
+            instr_seconds=2.0,
+            instr_rounds=1,
+            topology_seconds=0.0,
         )
 
 
@@ -127,7 +144,11 @@ async def stream_marked(
 
 
 async def load_run(
-    rig: Rig, calls: int, body: Callable[[CallOutcome], Any], pcap: Path
+    rig: Rig,
+    calls: int,
+    body: Callable[[CallOutcome], Any],
+    pcap: Path,
+    topology: Topology = DIAL,
 ) -> tuple[list[CallOutcome], Any]:
     """Place *calls* calls at once, run *body* on each, capture it all."""
     outcomes: list[CallOutcome] = []
@@ -136,7 +157,7 @@ async def load_run(
 
     async def one() -> None:
         nonlocal started
-        async with rig.call(capture=False) as live:
+        async with rig.call(capture=False, topology=topology) as live:
             outcome = CallOutcome(live)
             outcomes.append(outcome)
             started += 1
@@ -160,16 +181,20 @@ def read_and_remove(pcap: Path) -> Any:
 
 
 def reports(
-    outcomes: Sequence[CallOutcome], packets: Any, bot_port: int
+    outcomes: Sequence[CallOutcome], packets: Any, bot_port: int, *, mixed: bool = False
 ) -> tuple[MarkReport, MarkReport]:
-    """Mark reports over all calls: by the wire (capture) and by the bot."""
+    """Mark reports over all calls: by the wire (capture) and by the bot.
+
+    The wire is read only where Asterisk connected to the bot (the bot
+    connecting in reads Asterisk's messages as a client): elsewhere, no
+    wire figures."""
     rtp = rtp_by_destination(packets)
     ws = websocket_messages(packets, bot_port)
     wire_all = MarkReport([], 0, 0, 0, 0, 0)
     bot_all = MarkReport([], 0, 0, 0, 0, 0)
     for call in outcomes:
         local = call.live.sip.record.local_rtp
-        stream = StreamMap(rtp.get(local[1] if local else -1, []), call.sent)
+        stream = StreamMap(rtp.get(local[1] if local else -1, []), call.sent, mixed=mixed)
         remote = call.live.session.connection.remote_address
         wire_acks = []
         for msg in ws.get(int(remote[1]) if remote else -1, []):
@@ -449,38 +474,118 @@ async def bench_bargein(rig: Rig, cfg: BenchConfig, out: Path, say: Progress) ->
     return res
 
 
+async def bench_topologies(
+    installs: dict[str, Path], cfg: BenchConfig, out: Path, phone: PhonePool, say: Progress
+) -> list[dict[str, Any]]:
+    """Mark timing in every topology (harness.topology), one call each, a mark
+    every 20 ms; an ARI-enabled Asterisk per build."""
+    rows = []
+    for build, install in installs.items():
+        mark_cmd = "MARK" if build == "patched" else "MARK_MEDIA"
+        async with Rig(
+            install,
+            out / f"topologies-{build}",
+            phone=phone,
+            name=f"asterisk-{build}-ari",
+            ari=True,
+        ) as rig:
+            for topology in TOPOLOGIES.values():
+                say(f"topologies: {build}, {topology.name}, a mark every 20 ms")
+                body = functools.partial(
+                    stream_marked,
+                    seconds=cfg.topology_seconds,
+                    granularity_ms=20,
+                    mark_cmd=mark_cmd,
+                )
+                pcap = out / f"topology-{build}-{topology.name}.pcap"
+                outcomes, packets = await load_run(rig, 1, body, pcap, topology=topology)
+                wire, bot = reports(outcomes, packets, rig.bot.port, mixed=topology.mixes)
+                rows.append(
+                    {
+                        "build": build,
+                        "topology": topology.name,
+                        "bridge": "softmix" if topology.mixes else "simple_bridge",
+                        "marks": bot.marks,
+                        "lost": bot.lost,
+                        "timed": len(bot.errors_ms),
+                        "wire": summary_dict(wire.summary) if wire.errors_ms else None,
+                        "bot": summary_dict(bot.summary),
+                        "max_lag_ms": topology.max_lag_ms,
+                    }
+                )
+                say(f"  {bot.marks} marks, lost {bot.lost}; ack-RTP at the bot {bot.summary}")
+    return rows
+
+
 # --- the run ------------------------------------------------------------------------
+
+
+def machine() -> dict[str, Any]:
+    """The facts a reader needs to weigh the figures."""
+    facts: dict[str, Any] = {"cpus": os.cpu_count(), "platform": platform.platform()}
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                facts["cpu"] = line.split(":", 1)[1].strip()
+                break
+    with contextlib.suppress(OSError, ValueError):
+        kib = int(Path("/proc/meminfo").read_text().split()[1])
+        facts["memory_gib"] = round(kib / 2**20, 1)
+    facts["load_average"] = [round(v, 2) for v in os.getloadavg()]
+    return facts
 
 
 async def run(
     installs: dict[str, Path], cfg: BenchConfig, out: Path, say: Progress
 ) -> dict[str, Any]:
-    """Every scenario; returns the results. *out* must exist."""
-    most = max((*cfg.concurrency, cfg.cpu_calls, cfg.bargein_trials, 4))
-    async with PhonePool(out / "callers", most) as phone:
-        return await _run(installs, cfg, out, phone, say)
-
-
-async def _run(
-    installs: dict[str, Path], cfg: BenchConfig, out: Path, phone: PhonePool, say: Progress
-) -> dict[str, Any]:
+    """Every scenario of ``cfg.sections``; returns the results. *out* must exist."""
     t0 = time.monotonic()
     results: dict[str, Any] = {
         "config": asdict(cfg),
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
+        "machine": machine(),
         "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
+    wants = set(cfg.sections)
+    most = max((*cfg.concurrency, cfg.cpu_calls, cfg.bargein_trials, 4))
+    if wants & {"timing", "cpu", "pacing", "bargein", "topologies"}:
+        async with PhonePool(out / "callers", most) as phone:
+            await _run(installs, cfg, out, phone, say, results=results)
+    if "link" in wants and cfg.link is not None:
+        results["link"] = await bench_link.run(installs["patched"], cfg.link, out, say)
+    if "instructions" in wants and cfg.instr_rounds:
+        results["instructions"] = await instructions.count(
+            installs, out, seconds=cfg.instr_seconds, rounds=cfg.instr_rounds, say=say
+        )
+    results["elapsed_s"] = round(time.monotonic() - t0, 1)
+    return results
+
+
+async def _run(
+    installs: dict[str, Path],
+    cfg: BenchConfig,
+    out: Path,
+    phone: PhonePool,
+    say: Progress,
+    *,
+    results: dict[str, Any],
+) -> None:
+    wants = set(cfg.sections)
     rigs: dict[str, Rig] = {}
     try:
-        for build, install in installs.items():
-            rigs[build] = Rig(install, out / build, phone=phone, name=f"asterisk-{build}")
-            await rigs[build].start()
-        results["timing"] = await bench_timing(rigs, cfg, out, say)
-        results["cpu"] = await bench_cpu(rigs, cfg, out, say)
-        results["pacing"] = await bench_pacing(rigs, cfg, out, say)
-        results["bargein"] = await bench_bargein(rigs["patched"], cfg, out, say)
+        if wants & {"timing", "cpu", "pacing", "bargein"}:
+            for build, install in installs.items():
+                rigs[build] = Rig(install, out / build, phone=phone, name=f"asterisk-{build}")
+                await rigs[build].start()
+        if "timing" in wants:
+            results["timing"] = await bench_timing(rigs, cfg, out, say)
+        if "cpu" in wants:
+            results["cpu"] = await bench_cpu(rigs, cfg, out, say)
+        if "pacing" in wants:
+            results["pacing"] = await bench_pacing(rigs, cfg, out, say)
+        if "bargein" in wants:
+            results["bargein"] = await bench_bargein(rigs["patched"], cfg, out, say)
     finally:
         for rig in rigs.values():
             await rig.stop()
-    results["elapsed_s"] = round(time.monotonic() - t0, 1)
-    return results
+    if "topologies" in wants and cfg.topology_seconds:
+        results["topologies"] = await bench_topologies(installs, cfg, out, phone, say)

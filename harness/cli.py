@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import logging
 import os
@@ -18,7 +19,19 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from harness import analysis, audio, bench, demobot, fuzz, report, soak, testsuite, tts
+from harness import (
+    analysis,
+    audio,
+    bench,
+    demobot,
+    fuzz,
+    instructions,
+    netns,
+    report,
+    soak,
+    testsuite,
+    tts,
+)
 from harness.asterisk import REPO_ROOT, AsteriskError, find_install
 from harness.bot import BotError
 from harness.caller import CallerError
@@ -233,10 +246,26 @@ def bench_command(args: argparse.Namespace) -> int:
     say = Progress()
     logdir = setup_logging("bench")
     check_capture_possible()
+    netns.check_possible()
+    instructions.check_possible()
     installs = {"patched": find_install("patched"), "upstream": find_install("upstream")}
     cfg = bench.BenchConfig.quick() if args.quick else bench.BenchConfig()
+    if args.only:
+        unknown = sorted(set(args.only) - set(bench.SECTIONS))
+        if unknown:
+            print(
+                f"astmarks: error: no benchmark section {', '.join(unknown)}: the sections "
+                f"are {', '.join(bench.SECTIONS)}",
+                file=sys.stderr,
+            )
+            return 2
+        cfg = dataclasses.replace(cfg, sections=tuple(s for s in bench.SECTIONS if s in args.only))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    for stale in netns.remove_stale():
+        say(f"removed {stale}, left by a run that did not clean up")
+    # Stopped by SIGTERM as by ^C: the namespaces, Asterisks and load go.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     say(f"benchmark ({'quick' if args.quick else 'full'}): results in {out}, logs in {logdir}")
 
     results = asyncio.run(bench.run(installs, cfg, out, say))
@@ -328,8 +357,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bot.add_argument("--text", default=demobot.GREETING, help="the greeting")
     b = sub.add_parser("bench", help="benchmark marks, pacing and barge-in, patched and upstream")
-    b.add_argument("--quick", action="store_true", help="the short version (about a minute)")
+    b.add_argument("--quick", action="store_true", help="the short version (about three minutes)")
     b.add_argument("--out", default=str(REPO_ROOT / "results" / "latest"))
+    b.add_argument(
+        "--only",
+        action="append",
+        metavar="SECTION",
+        help=f"only this part (repeatable): {', '.join(bench.SECTIONS)}",
+    )
     b.add_argument(
         "--update-readme", action="store_true", help="put the Markdown table in README.md"
     )
@@ -374,12 +409,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             return asyncio.run(soak_command(args))
         if args.command == "upstream-testsuite":
             return testsuite_command(args)
-    except (testsuite.TestsuiteError, subprocess.CalledProcessError) as exc:
+    except (
+        testsuite.TestsuiteError,
+        subprocess.CalledProcessError,
+        netns.NetNsError,
+        instructions.InstructionsError,
+    ) as exc:
         print(f"astmarks: error: {exc}", file=sys.stderr)
         return 2
     except (AsteriskError, BotError, CallerError, CaptureError, TimeoutError, OSError) as exc:
         print(f"astmarks: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
+        print("astmarks: interrupted (what the run had started is stopped)", file=sys.stderr)
         return 130
     return 2
