@@ -170,12 +170,16 @@ class Pacer:
         return (self._one_way_s() + spread) * 1000
 
     async def _measure_round_trips(self) -> None:
-        """Time a GET_STATUS to its STATUS (answered at once) every few seconds."""
+        """Time a GET_STATUS to its STATUS (answered at once) every few seconds.
+
+        The bot must not send GET_STATUS itself while a response plays: its
+        STATUS could be taken for this one's.
+        """
         while True:
             after = len(self.session.events) - 1
-            sent = time.time()
             try:
                 await self.session.command("GET_STATUS")
+                sent = time.time()  # handed to the socket: its wait to be sent is not the link's
                 status = await self.session.wait_for("STATUS", after=after, timeout=10)
             except Exception as exc:  # the call ended; nothing to measure
                 log.debug("pacer: no round trip measured: %s", exc)
@@ -346,7 +350,10 @@ class Pacer:
         now = time.time()
         await self.session.send_audio(data)
         chunk.sent = now
-        self._play_end = max(self._play_end, now) + audio.ms_of(len(data)) / 1000
+        # The marks' estimate runs on Asterisk's time: the audio arrives a
+        # one-way delay after it is sent (0 for the clock's).
+        arrives = now + (self._one_way_s() if use_mark else 0.0)
+        self._play_end = max(self._play_end, arrives) + audio.ms_of(len(data)) / 1000
         self._wall_end = max(self._wall_end, now) + audio.ms_of(len(data)) / 1000
         self._sends.append((now, audio.ms_of(len(data))))
         mark_id = f"{prefix}-{chunk.index}"
@@ -394,10 +401,14 @@ class Pacer:
         await self.session.command("FLUSH_MEDIA")
         self._play_end = 0.0
         self._wall_end = 0.0
+        self._sends.clear()
         if not use_mark:
+            self._event_cursor = len(self.session.events) - 1
             result.heard_ms = clock_heard
             return
         flushed = await self.session.wait_for("MEDIA_FLUSHED", after=after)
+        # Reports sent before the flush are about audio that is gone.
+        self._event_cursor = flushed.index
         result.flushed = flushed
         start = next((e for e in self.session.events if e.mark_id == f"{prefix}-start"), None)
         if start is None or start.name != "MARK_PLAYED":
