@@ -11,7 +11,7 @@ through NFQUEUE to :class:`DelayQueue` (fnfqueue). Needs root (``ip netns``,
 
 Each direction is shaped where its packets arrive, as a network between two
 hosts would delay them: towards the bot in the namespace's INPUT chain, back
-in a chain of this namespace's (``AMK-<tag>``, reached from INPUT for the
+in a chain of this namespace's (``AMK-<pid>-<tag>``, reached from INPUT for the
 link's interface only). Holding packets at the sender instead would throttle
 the sender's own TCP: Linux does not send more while a socket's earlier
 packets are still held (TCP small queues, autocorking), so a command sent
@@ -19,7 +19,8 @@ just after audio would wait for the audio's delay to end too.
 
 Everything is removed by :meth:`NetNs.stop`, also after a failure, and
 :func:`remove_stale` removes what a killed run left behind (names start with
-:data:`PREFIX`, chains with :data:`CHAIN_PREFIX`).
+:data:`PREFIX`, chains with :data:`CHAIN_PREFIX`, then the maker's pid: a
+live run's are left alone).
 """
 
 from __future__ import annotations
@@ -78,35 +79,60 @@ def _run(*args: str) -> str:
     return proc.stdout
 
 
+def _owner_alive(name: str, prefix: str) -> bool:
+    """Whether the process named in *name* (``<prefix><pid>-<tag>``) still runs."""
+    pid, sep, _ = name[len(prefix) :].partition("-")
+    if not sep or not pid.isdigit():
+        return False  # an older name, without its owner
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def remove_stale() -> list[str]:
-    """Remove the namespaces (and so their links) of runs that did not clean up."""
+    """Remove the namespaces, links and chains of runs that did not clean up.
+
+    Each name carries its maker's pid: what a running process made is left
+    alone, so a test run beside a benchmark does not undo the benchmark's link.
+    """
     removed = []
+    alive_tags = set()
     for line in _run("ip", "netns", "list").splitlines():
         name = line.split()[0] if line.split() else ""
-        if name.startswith(PREFIX):
-            subprocess.run(["ip", "netns", "del", name], capture_output=True, check=False)
-            removed.append(name)
+        if not name.startswith(PREFIX):
+            continue
+        if _owner_alive(name, PREFIX):
+            alive_tags.add(name.rpartition("-")[2])
+            continue
+        subprocess.run(["ip", "netns", "del", name], capture_output=True, check=False)
+        removed.append(name)
     for line in _run("ip", "-o", "link", "show").splitlines():
         parts = line.split(":")
         if len(parts) > 1:
             link = parts[1].strip().split("@")[0]
-            if link.startswith(f"{PREFIX}h"):
+            host = f"{PREFIX}h"
+            if link.startswith(host) and link[len(host) :] not in alive_tags:
                 subprocess.run(["ip", "link", "del", link], capture_output=True, check=False)
                 removed.append(link)
+    stale_chains = [
+        parts[1]
+        for line in _run(*IPTABLES, "-S").splitlines()
+        if (parts := line.split())[:1] == ["-N"]
+        and parts[1].startswith(CHAIN_PREFIX)
+        and not _owner_alive(parts[1], CHAIN_PREFIX)
+    ]
     for line in _run(*IPTABLES, "-S").splitlines():
         parts = line.split()
-        if (
-            parts[:1] == ["-A"]
-            and "-j" in parts
-            and parts[parts.index("-j") + 1].startswith(CHAIN_PREFIX)
-        ):
+        if parts[:1] == ["-A"] and "-j" in parts and parts[parts.index("-j") + 1] in stale_chains:
             subprocess.run([*IPTABLES, "-D", *parts[1:]], capture_output=True, check=False)
-    for line in _run(*IPTABLES, "-S").splitlines():
-        parts = line.split()
-        if parts[:1] == ["-N"] and parts[1].startswith(CHAIN_PREFIX):
-            subprocess.run([*IPTABLES, "-F", parts[1]], capture_output=True, check=False)
-            subprocess.run([*IPTABLES, "-X", parts[1]], capture_output=True, check=False)
-            removed.append(parts[1])
+    for chain in stale_chains:
+        subprocess.run([*IPTABLES, "-F", chain], capture_output=True, check=False)
+        subprocess.run([*IPTABLES, "-X", chain], capture_output=True, check=False)
+        removed.append(chain)
     if removed:
         log.info("netns: removed stale %s", ", ".join(removed))
     return removed
@@ -152,14 +178,15 @@ class NetNs(Service):
 
     def __init__(self) -> None:
         tag = secrets.token_hex(3)
-        self.name = f"{PREFIX}{tag}"
+        # The maker's pid in the names: remove_stale() spares a live run's.
+        self.name = f"{PREFIX}{os.getpid()}-{tag}"
         # Interface names: at most 15 characters.
         self.host_if = f"{PREFIX}h{tag}"
         self.ns_if = f"{PREFIX}n{tag}"
         octet = int(tag[:2], 16) % 250 + 1
         self.host_ip = f"10.213.{octet}.1"
         self.ns_ip = f"10.213.{octet}.2"
-        self.chain = f"{CHAIN_PREFIX}{tag}"
+        self.chain = f"{CHAIN_PREFIX}{os.getpid()}-{tag}"
         self.queue_to_host = QUEUE_TO_HOST_BASE + octet
         self._made: list[str] = []
         self._delays: dict[int, DelayQueue] = {}
