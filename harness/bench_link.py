@@ -105,7 +105,10 @@ async def _sample(pacer: Pacer, paced: Paced, stop: asyncio.Event) -> None:
 async def paced_call(
     rig: Rig, paced: Paced, response_ms: int, barge_in_ms: int | None, seed: int
 ) -> None:
-    """Stream a response into one call, barging in after *barge_in_ms* of it."""
+    """Stream a response into one call, barging in after *barge_in_ms* of it.
+
+    The estimates are sampled until the barge-in (after it they describe a
+    flushed queue, not drift)."""
     profile = tts.TtsProfile(seed=seed)
     paced.sent = b"".join(d for d, _ in tts.plan(response_ms, profile))
     async with rig.call(capture=False) as live:
@@ -118,6 +121,8 @@ async def paced_call(
             if barge_in_ms is not None:
                 done, _ = await asyncio.wait({task}, timeout=barge_in_ms / 1000)
                 if not done:
+                    stop.set()
+                    await sampler
                     paced.at_barge_in = (
                         time.time(),
                         pacer.clock_heard_ms(),
@@ -125,6 +130,7 @@ async def paced_call(
                     )
                     pacer.barge_in()
             paced.result = await task
+            stop.set()
             await asyncio.sleep(0.5)
         finally:
             stop.set()
@@ -316,13 +322,14 @@ async def run_pair(
     """A paced pair (marks, clock) on *link*; every figure of both calls."""
     pair = [Paced(Strategy.MARKS), Paced(Strategy.CLOCK)]
     rtp_pcap, ws_pcap = out / f"{label}-rtp.pcap", out / f"{label}-ws.pcap"
+    # One call failing ends the other (a task group): no call outlives its trial.
     async with (
         TcpdumpCapture(link.bpf_rtp(), rtp_pcap),
         TcpdumpCapture(link.bpf_ws(), ws_pcap, iface=link.ns.host_if),
+        asyncio.TaskGroup() as group,
     ):
-        await asyncio.gather(
-            *(paced_call(link.rig, p, response_ms, barge_in_ms, seed) for p in pair)
-        )
+        for p in pair:
+            group.create_task(paced_call(link.rig, p, response_ms, barge_in_ms, seed))
     rtp = rtp_by_destination(await asyncio.to_thread(_read_and_remove, rtp_pcap))
     ws = websocket_messages(await asyncio.to_thread(_read_and_remove, ws_pcap), link.rig.bot.port)
     figures: dict[str, Any] = {}
@@ -339,7 +346,8 @@ async def run_pair(
             "drift": series,
             "clock_drift_ms_per_min": slope_ms_per_minute([(x, c) for x, c, _ in series]),
             "marks_drift_ms_per_min": slope_ms_per_minute([(x, m) for x, _, m in series]),
-            "link_ms": round(p.result.flushed.t - p.at_barge_in[0], 2)
+            # FLUSH_MEDIA to MEDIA_FLUSHED, at the bot: about a round trip.
+            "flush_answered_ms": round((p.result.flushed.t - p.at_barge_in[0]) * 1000, 2)
             if p.result and p.result.flushed and p.at_barge_in
             else None,
         }
@@ -361,7 +369,10 @@ def _read_and_remove(pcap: Path) -> Any:
 
 
 def _threads(pid: int) -> list[int]:
-    return [int(t.name) for t in Path(f"/proc/{pid}/task").iterdir()]
+    try:
+        return [int(t.name) for t in Path(f"/proc/{pid}/task").iterdir()]
+    except FileNotFoundError:
+        return []  # the process is gone
 
 
 @contextlib.asynccontextmanager
@@ -369,11 +380,9 @@ async def cpu_hogs(pid: int, count: int) -> AsyncIterator[list[int]]:
     """Pin Asterisk (*pid*, every thread) to one core and run *count* busy
     processes on it; undone when this ends. The hogs also end by themselves
     when this process is gone (they watch their parent)."""
-    cpus = sorted(os.sched_getaffinity(0))
-    core = {cpus[0]}
-    for tid in _threads(pid):
-        with contextlib.suppress(OSError):
-            os.sched_setaffinity(tid, core)
+    core = {min(os.sched_getaffinity(0))}
+    saved: dict[int, set[int]] = {}
+    procs: list[asyncio.subprocess.Process] = []
     code = (
         "import os\n"
         f"os.sched_setaffinity(0, {core!r})\n"
@@ -382,22 +391,26 @@ async def cpu_hogs(pid: int, count: int) -> AsyncIterator[list[int]]:
         "    for _ in range(200000):\n"
         "        pass\n"
     )
-    procs = [
-        await asyncio.create_subprocess_exec(
-            sys.executable, "-c", code, stdin=asyncio.subprocess.DEVNULL
-        )
-        for _ in range(count)
-    ]
     try:
+        for tid in _threads(pid):
+            with contextlib.suppress(OSError):
+                saved[tid] = os.sched_getaffinity(tid)
+                os.sched_setaffinity(tid, core)
+        for _ in range(count):
+            procs.append(
+                await asyncio.create_subprocess_exec(
+                    sys.executable, "-c", code, stdin=asyncio.subprocess.DEVNULL
+                )
+            )
         yield [p.pid for p in procs]
     finally:
         for p in procs:
             with contextlib.suppress(ProcessLookupError):
                 p.kill()
             await p.wait()
-        for tid in _threads(pid):
-            with contextlib.suppress(OSError):
-                os.sched_setaffinity(tid, set(cpus))
+        for tid, cpus in saved.items():
+            with contextlib.suppress(OSError):  # a thread that ended, or Asterisk
+                os.sched_setaffinity(tid, cpus)
 
 
 # --- the scenarios ------------------------------------------------------------------------
