@@ -35,7 +35,10 @@ help:
 	@echo "                      default 100000) against the AddressSanitizer build"
 	@echo "make soak             30 calls for 10 minutes (SOAK_CALLS, SOAK_MINUTES): marks,"
 	@echo "                      Asterisk's memory and file descriptors"
-	@echo "make bench            benchmark patched against upstream (a few minutes)"
+	@echo "make bench            benchmark patched against upstream (about 35 minutes): timing,"
+	@echo "                      pacing, barge-in, topologies, the bot across a shaped link,"
+	@echo "                      a 10-minute response, a loaded Asterisk, instructions"
+	@echo "                      (BENCH_ARGS='--only link': one part; --quick: the short one)"
 	@echo "make docker-check     lint docker/Dockerfile and validate the compose files (no engine)"
 	@echo "make docker-base      Debian base images: pulled, or built with debootstrap offline"
 	@echo "make docker-build     build the images (asterisk, harness)"
@@ -117,8 +120,9 @@ SOAK_MINUTES ?= 10
 soak: asterisk
 	@$(PY) -m harness soak --calls $(SOAK_CALLS) --minutes $(SOAK_MINUTES) $(SOAK_ARGS)
 
+BENCH_ARGS ?=
 bench: asterisk asterisk-upstream
-	@$(PY) -m harness bench --out results/latest --update-readme
+	@$(PY) -m harness bench --out results/latest --update-readme $(BENCH_ARGS)
 
 # Once per change to the C patch: the integration tests against a build with
 # AddressSanitizer (and LeakSanitizer at exit), the protocol fuzzer with

@@ -536,15 +536,25 @@ def machine() -> dict[str, Any]:
 
 
 async def run(
-    installs: dict[str, Path], cfg: BenchConfig, out: Path, say: Progress
+    installs: dict[str, Path],
+    cfg: BenchConfig,
+    out: Path,
+    say: Progress,
+    results: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Every scenario of ``cfg.sections``; returns the results. *out* must exist."""
+    """Every scenario of ``cfg.sections``; returns the results, filling
+    *results* as each part ends (what a failed or interrupted run had
+    measured is there). *out* must exist."""
     t0 = time.monotonic()
-    results: dict[str, Any] = {
-        "config": asdict(cfg),
-        "machine": machine(),
-        "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-    }
+    if results is None:
+        results = {}
+    results.update(
+        {
+            "config": asdict(cfg),
+            "machine": machine(),
+            "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+    )
     wants = set(cfg.sections)
     most = max((*cfg.concurrency, cfg.cpu_calls, cfg.bargein_trials, 4))
     if wants & {"timing", "cpu", "pacing", "bargein", "topologies"}:

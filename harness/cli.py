@@ -18,6 +18,7 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from harness import (
     analysis,
@@ -245,10 +246,6 @@ def testsuite_command(args: argparse.Namespace) -> int:
 def bench_command(args: argparse.Namespace) -> int:
     say = Progress()
     logdir = setup_logging("bench")
-    check_capture_possible()
-    netns.check_possible()
-    instructions.check_possible()
-    installs = {"patched": find_install("patched"), "upstream": find_install("upstream")}
     cfg = bench.BenchConfig.quick() if args.quick else bench.BenchConfig()
     if args.only:
         unknown = sorted(set(args.only) - set(bench.SECTIONS))
@@ -260,25 +257,56 @@ def bench_command(args: argparse.Namespace) -> int:
             )
             return 2
         cfg = dataclasses.replace(cfg, sections=tuple(s for s in bench.SECTIONS if s in args.only))
+    check_capture_possible()
+    if "link" in cfg.sections:
+        netns.check_possible()
+        for stale in netns.remove_stale():
+            say(f"removed {stale}, left by a run that did not clean up")
+    if "instructions" in cfg.sections:
+        instructions.check_possible()
+    installs = {"patched": find_install("patched"), "upstream": find_install("upstream")}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    for stale in netns.remove_stale():
-        say(f"removed {stale}, left by a run that did not clean up")
-    # Stopped by SIGTERM as by ^C: the namespaces, Asterisks and load go.
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
     say(f"benchmark ({'quick' if args.quick else 'full'}): results in {out}, logs in {logdir}")
 
-    results = asyncio.run(bench.run(installs, cfg, out, say))
+    results: dict[str, Any] = {}
+    try:
+        asyncio.run(_bench(installs, cfg, out, say, results))
+    except asyncio.CancelledError:  # SIGTERM
+        raise KeyboardInterrupt from None
+    finally:
+        if results and "elapsed_s" not in results:
+            # What the parts that ended had measured, for a person to look at.
+            (out / "bench.partial.json").write_text(json.dumps(results, indent=2))
+            say(f"the parts that ended are in {out / 'bench.partial.json'}")
     (out / "bench.json").write_text(json.dumps(results, indent=2))
+    (out / "bench.partial.json").unlink(missing_ok=True)
     table = report.markdown(results)
     (out / "bench.md").write_text(table)
     for path in report.plots(results, out):
         say(f"plot: {path}")
-    if args.update_readme and report.update_readme(REPO_ROOT / "README.md", table):
+    if args.update_readme and (args.only or args.quick):
+        say("README.md: left as it is (the README shows a whole, full run)")
+    elif args.update_readme and report.update_readme(REPO_ROOT / "README.md", table):
         say("README.md: benchmark table updated")
     print()
     print(table)
     return 0
+
+
+async def _bench(
+    installs: dict[str, Path],
+    cfg: bench.BenchConfig,
+    out: Path,
+    say: Progress,
+    results: dict[str, Any],
+) -> None:
+    """bench.run, stopped by SIGTERM as by ^C: the task is cancelled, and what
+    the run started (namespaces, chains, Asterisks, load) is stopped."""
+    task = asyncio.current_task()
+    assert task is not None
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
+    await bench.run(installs, cfg, out, say, results)
 
 
 async def bot_command(args: argparse.Namespace) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import statistics
 from pathlib import Path
 from typing import Any
@@ -123,6 +124,13 @@ def bargein_markdown(b: dict[str, Any]) -> list[str]:
     ]
 
 
+def _num(value: float | None, spec: str = "+.2f", unit: str = "") -> str:
+    """*value* formatted, or "-" when there is none (no trial had it)."""
+    if value is None or math.isnan(value):
+        return "-"
+    return f"{value:{spec}}{unit}"
+
+
 def _worst(values: list[float]) -> str:
     return f"{max(values):.1f}" if values else "-"
 
@@ -152,14 +160,15 @@ def link_markdown(link: dict[str, Any]) -> list[str]:
     for name, c in link.get("network", {}).items():
         m, k = c["marks"], c["clock"]
         lines.append(
-            f"| {name} | {m['underrun_slots']} | {m['sent_to_rtp_median_ms']} ms | "
-            f"{k['underrun_slots']} | {k['sent_to_rtp_median_ms']} ms | "
+            f"| {name} | {m['underrun_slots']} | "
+            f"{_num(m['sent_to_rtp_median_ms'], '.1f', ' ms')} | "
+            f"{k['underrun_slots']} | {_num(k['sent_to_rtp_median_ms'], '.1f', ' ms')} | "
             f"{_worst(m['flushed_bargein_abs_error_ms'])} | "
             f"{_median(m['clock_bargein_abs_error_ms'])} / "
             f"{_worst(m['clock_bargein_abs_error_ms'])} | "
             f"{_median(k['clock_bargein_abs_error_ms'])} / "
             f"{_worst(k['clock_bargein_abs_error_ms'])} | "
-            f"{m['mark_wire_median_ms']:+.2f} | {m['mark_bot_median_ms']:+.2f} | "
+            f"{_num(m['mark_wire_median_ms'])} | {_num(m['mark_bot_median_ms'])} | "
             f"{m['marks_played']} / {m['marks_cleared']} / {m['marks_unanswered']} |"
         )
     for key, title in (("drift", "A long response"), ("load", "A loaded Asterisk")):
@@ -186,8 +195,10 @@ def link_markdown(link: dict[str, Any]) -> list[str]:
             t = entry["tick"]
             lines.append(
                 f"| {strategy} | {p['underrun_slots']} | {p['sent_to_rtp_ms']['median']:.0f} ms | "
-                f"{p['sent_to_rtp_ms']['p95']:.0f} ms | {entry['clock_drift_ms_per_min']} ms/min | "
-                f"{entry['marks_drift_ms_per_min']} ms/min | {end} | {t['late_per_1000']} | "
+                f"{p['sent_to_rtp_ms']['p95']:.0f} ms | "
+                f"{_num(entry['clock_drift_ms_per_min'], '+.2f', ' ms/min')} | "
+                f"{_num(entry['marks_drift_ms_per_min'], '+.2f', ' ms/min')} | {end} | "
+                f"{t['late_per_1000']} | "
                 f"{t['interval_ms']['max']:.1f} ms |"
             )
     return lines

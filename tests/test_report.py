@@ -137,11 +137,15 @@ def with_link_and_instructions() -> dict[str, Any]:
         "drift": {**bench_link.aggregate(trials[:1]), "runs": trials[:1]},
         "load": {**bench_link.aggregate(trials[:1]), "runs": trials[:1]},
     }
+
+    def load(count: int, marks: int) -> list[dict[str, Any]]:
+        return [{"instructions": count, "window_s": 1.0, "marks": marks, "kept_up": True}] * 2
+
     runs = {
-        "patched_without_marks": [{"instructions": 2_000_000, "kept_up": True}] * 2,
-        "patched_mark_every_20ms": [{"instructions": 2_500_000, "kept_up": True}] * 2,
-        "upstream_without_marks": [{"instructions": 1_980_000, "kept_up": True}] * 2,
-        "upstream_mark_media_every_20ms": [{"instructions": 2_400_000, "kept_up": True}] * 2,
+        "patched_without_marks": load(2_000_000, 0),
+        "patched_mark_every_20ms": load(2_500_000, 50),
+        "upstream_without_marks": load(1_980_000, 0),
+        "upstream_mark_media_every_20ms": load(2_400_000, 50),
     }
     return {**results(), "link": link, "instructions": instructions.summarize(runs, 1.0)}
 
@@ -151,7 +155,7 @@ def test_markdown_has_the_link_and_the_instructions() -> None:
     # MEDIA_FLUSHED max 0, the clock estimate's median and max, both calls.
     assert "| 75 ± 20 ms | 2 | 0.1 ms | 2 | 0.1 ms | 0.0 | 36.8 / 61.5 |" in text
     assert "| 14 / 6 / 0 |" in text
-    assert "| marks | 1 | 0 ms | 0 ms | 20.0 ms/min | -0.1 ms/min | +25.0 ms |" in text
+    assert "| marks | 1 | 0 ms | 0 ms | +20.00 ms/min | -0.10 ms/min | +25.0 ms |" in text
     assert "| patched mark every 20ms | 2,500,000 | 2,500,000, 2,500,000 | 0.00% | 10,000 |" in text
     assert "A MARK every 20 ms: +25.0%" in text
     assert "upstream's MARK_MEDIA every 20 ms: +21.2%" in text

@@ -31,7 +31,7 @@ REPO_ROOT = TESTS.parent
 
 
 def namespaces() -> list[str]:
-    """The harness's namespaces and host-side links that exist now."""
+    """The harness's namespaces, host-side links and iptables chains that exist now."""
     names = subprocess.run(
         ["ip", "netns", "list"], capture_output=True, text=True, check=False
     ).stdout
@@ -45,6 +45,10 @@ def namespaces() -> list[str]:
         if len(parts := line.split(":")) > 1
         and (part := parts[1]).strip().startswith(f"{netns.PREFIX}h")
     ]
+    rules = subprocess.run(
+        ["iptables-legacy", "-w", "-S"], capture_output=True, text=True, check=False
+    ).stdout
+    found += [line for line in rules.splitlines() if netns.CHAIN_PREFIX in line]
     return found
 
 
@@ -135,9 +139,13 @@ async def test_instructions_are_counted(
     assert abs(result["patched_vs_upstream_percent"]) < 10
 
 
-def test_an_interrupted_bench_leaves_nothing_behind(possible: None, tmp_path: Path) -> None:
-    """SIGINT while the bot is across the shaped link: the namespace, its link
-    and Asterisk go, and the command says it was interrupted."""
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_an_interrupted_bench_leaves_nothing_behind(
+    possible: None, tmp_path: Path, sig: signal.Signals
+) -> None:
+    """^C or SIGTERM while the bot is across the shaped link: the namespace,
+    its link and chain, and Asterisk go, and the command says it was
+    interrupted. (The busy processes of the load: test_cpu_hogs_end_with_their_context.)"""
     log = tmp_path / "bench.log"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     asterisks = set(pids("sbin/asterisk"))
@@ -160,7 +168,7 @@ def test_an_interrupted_bench_leaves_nothing_behind(possible: None, tmp_path: Pa
             assert time.monotonic() < deadline, log.read_text()
             time.sleep(0.2)
         assert namespaces(), "the run made its namespace"
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(sig)
         status = proc.wait(timeout=60)
     finally:
         if proc.poll() is None:
