@@ -11,7 +11,6 @@ comparable with the RTP departures) and when the bot's event loop read it.
 from __future__ import annotations
 
 import asyncio
-import bisect
 import contextlib
 import functools
 import logging
@@ -27,7 +26,6 @@ from typing import Any
 
 from harness import analysis, audio, bench_link, instructions, tts
 from harness.analysis import MarkReport, StreamMap, Summary
-from harness.events import ProtocolError, parse_event
 from harness.pacer import Pacer, Strategy
 from harness.pcap import TcpdumpCapture, read_packets, rtp_by_destination, websocket_messages
 from harness.phonepool import PhonePool
@@ -195,18 +193,7 @@ def reports(
     for call in outcomes:
         local = call.live.sip.record.local_rtp
         stream = StreamMap(rtp.get(local[1] if local else -1, []), call.sent, mixed=mixed)
-        remote = call.live.session.connection.remote_address
-        wire_acks = []
-        for msg in ws.get(int(remote[1]) if remote else -1, []):
-            try:
-                event = parse_event(msg.text)
-            except ProtocolError:
-                continue
-            if event.name in ACKS and event.mark_id is not None:
-                wire_acks.append((event.mark_id, msg.t))
-        bot_acks = [
-            (e.mark_id, e.t) for e in call.live.session.named(*ACKS) if e.mark_id is not None
-        ]
+        wire_acks, bot_acks = bench_link.acks(call.live, ws, ACKS)
         wire_all = merge(wire_all, analysis.mark_report(call.marks, wire_acks, stream))
         bot_all = merge(bot_all, analysis.mark_report(call.marks, bot_acks, stream))
     return wire_all, bot_all
@@ -341,23 +328,10 @@ def pacing_metrics(outcome: CallOutcome, result: Any) -> dict[str, Any]:
     """Underruns and latency of a paced response, from the capture."""
     stream = StreamMap(outcome.live.packets, outcome.sent)
     chunks = result.chunks
-    generated_at = {c.offset - result.start_offset: c.generated for c in chunks}
-    offsets = sorted(generated_at)
-    underruns = starved = 0
-    for t_gap, missed, resumed in stream.gaps():
-        i = max(0, bisect.bisect_right(offsets, resumed) - 1)
-        generated = generated_at[offsets[i]] if offsets else float("inf")
-        if generated <= t_gap + 0.02:
-            underruns += missed  # the bot had the audio that came next
-        else:
-            starved += missed  # the engine had not produced it yet
-    latency = []
-    queue = []
-    for c in chunks:
-        t = stream.departure(c.offset - result.start_offset)
-        if t is not None and c.sent is not None:
-            latency.append((t - c.generated) * 1000)
-            queue.append((t - c.sent) * 1000)
+    underruns, starved = bench_link.underrun_slots(stream, result)
+    pairs = bench_link.chunk_latencies(stream, result)
+    latency = [g for g, _ in pairs]
+    queue = [q for _, q in pairs]
     return {
         "chunks": len(chunks),
         "underrun_slots": underruns,

@@ -189,12 +189,10 @@ def slope_ms_per_minute(points: Sequence[tuple[float, float]]) -> float | None:
     return round(slope * 60, 3)
 
 
-def pacing_figures(paced: Paced, stream: StreamMap) -> dict[str, Any]:
-    """Underrun slots (the bot had the audio) and send-to-RTP latency of one call."""
-    result = paced.result
-    assert result is not None
-    chunks = result.chunks
-    generated_at = {c.offset - result.start_offset: c.generated for c in chunks}
+def underrun_slots(stream: StreamMap, result: PacingResult) -> tuple[int, int]:
+    """20 ms slots without audio inside a paced response: (the bot had the
+    audio that came next, the engine had not produced it yet)."""
+    generated_at = {c.offset - result.start_offset: c.generated for c in result.chunks}
     offsets = sorted(generated_at)
     underruns = starved = 0
     for t_gap, missed, resumed in stream.gaps():
@@ -204,15 +202,28 @@ def pacing_figures(paced: Paced, stream: StreamMap) -> dict[str, Any]:
             underruns += missed
         else:
             starved += missed
-    queue = []
-    for c in chunks:
+    return underruns, starved
+
+
+def chunk_latencies(stream: StreamMap, result: PacingResult) -> list[tuple[float, float]]:
+    """Per chunk sent: (generated to RTP, sent to RTP) of its first byte, in ms."""
+    latencies = []
+    for c in result.chunks:
         t = stream.departure(c.offset - result.start_offset)
         if t is not None and c.sent is not None:
-            queue.append((t - c.sent) * 1000)
+            latencies.append(((t - c.generated) * 1000, (t - c.sent) * 1000))
+    return latencies
+
+
+def pacing_figures(paced: Paced, stream: StreamMap) -> dict[str, Any]:
+    """Underrun slots (the bot had the audio) and send-to-RTP latency of one call."""
+    result = paced.result
+    assert result is not None
+    underruns, starved = underrun_slots(stream, result)
     return {
         "underrun_slots": underruns,
         "tts_starved_slots": starved,
-        "sent_to_rtp_ms": _round(Summary.of(queue)),
+        "sent_to_rtp_ms": _round(Summary.of([q for _, q in chunk_latencies(stream, result)])),
         "lost_bytes": stream.lost,
     }
 
@@ -236,6 +247,24 @@ def bargein_figures(paced: Paced, stream: StreamMap) -> dict[str, Any] | None:
     return figures
 
 
+def acks(
+    live: LiveCall, ws: dict[int, list[Any]], names: tuple[str, ...]
+) -> tuple[list[tuple[str, float]], list[tuple[str, float]]]:
+    """The acknowledgments *names* of a call's marks, with their times: on the
+    wire (*ws*: the capture's messages per bot-side port) and at the bot."""
+    remote = live.session.connection.remote_address
+    wire = []
+    for msg in ws.get(int(remote[1]) if remote else -1, []):
+        try:
+            event = parse_event(msg.text)
+        except ProtocolError:
+            continue
+        if event.name in names and event.mark_id is not None:
+            wire.append((event.mark_id, msg.t))
+    bot = [(e.mark_id, e.t) for e in live.session.named(*names) if e.mark_id is not None]
+    return wire, bot
+
+
 def mark_reports(
     paced: Paced, stream: StreamMap, ws: dict[int, list[Any]]
 ) -> dict[str, Any] | None:
@@ -251,18 +280,7 @@ def mark_reports(
         for m, off in result.marks
         if answered.get(m) == "MARK_PLAYED"
     ]
-    remote = live.session.connection.remote_address
-    wire_acks = []
-    for msg in ws.get(int(remote[1]) if remote else -1, []):
-        try:
-            event = parse_event(msg.text)
-        except ProtocolError:
-            continue
-        if event.name == "MARK_PLAYED" and event.mark_id is not None:
-            wire_acks.append((event.mark_id, msg.t))
-    bot_acks = [
-        (e.mark_id, e.t) for e in live.session.named("MARK_PLAYED") if e.mark_id is not None
-    ]
+    wire_acks, bot_acks = acks(live, ws, ("MARK_PLAYED",))
     wire = analysis.mark_report(played, wire_acks, stream)
     bot = analysis.mark_report(played, bot_acks, stream)
     return {
