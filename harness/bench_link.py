@@ -176,7 +176,7 @@ def drift_series(paced: Paced, stream: StreamMap) -> list[tuple[float, float, fl
     for t, clock_ms, marks_ms in paced.samples:
         if t < first:
             continue  # not playing yet: nothing to compare with
-        truth = audio.ms_of(stream.played_by(t))
+        truth = stream.played_by(t) / audio.BYTES_PER_MS
         series.append((round(t - first, 3), round(clock_ms - truth, 2), round(marks_ms - truth, 2)))
     return series
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import array
 import math
 
+import pytest
+
 from harness import analysis, audio
 from harness.capture import RtpPacket
 
@@ -78,6 +80,17 @@ def test_stream_map_aligns_padding_and_lost_bytes() -> None:
     m = analysis.StreamMap(dropped, sent)
     assert m.lost == 40
     assert m.departure(200) == 1.02
+
+
+def test_played_by_is_continuous_within_a_packet_and_waits_in_a_gap() -> None:
+    sent = audio.tagged_frames(0, 3)
+    packets = [pkt(1.0, sent[0:160]), pkt(1.02, sent[160:320]), pkt(1.1, sent[320:480])]
+    m = analysis.StreamMap(packets, sent)
+    assert m.played_by(0.99) == 0
+    assert m.played_by(1.005) == pytest.approx(40)  # a quarter of the first packet
+    assert m.played_by(1.03) == pytest.approx(240)
+    assert m.played_by(1.06) == 320  # the second has played out; nothing until 1.1
+    assert m.played_by(1.2) == 480
 
 
 def test_stream_map_gaps() -> None:
