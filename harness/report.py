@@ -147,11 +147,15 @@ def link_markdown(link: dict[str, Any]) -> list[str]:
         f"The bot across a link (a network namespace and a veth pair, shaped both ways), "
         f"{cfg['trials']} trial(s) per link, each a {cfg['response_ms'] / 1000:.0f} s response "
         "streamed into two calls at once, one paced by marks and one by a clock estimate, "
-        "barged in at a random point. Barge-in error = what the bot was told (MEDIA_FLUSHED; "
+        "barged in at a random point. Underrun slots: 20 ms without audio although the "
+        "bot had the audio that came next, and sent it too late; in brackets, slots "
+        "Asterisk missed although that audio had reached it (a late media tick). "
+        "Barge-in error = what the bot was told (MEDIA_FLUSHED; "
         "the clock estimate at the moment of the barge-in) - what left on RTP, in ms; "
         "MARK_PLAYED - RTP on the wire (Asterisk's side of the link) and at the bot.",
         "",
-        "| link | marks: underrun slots | marks: sent->RTP | clock: underrun slots "
+        "| link | marks: underrun slots (+ missed by Asterisk) | marks: sent->RTP "
+        "| clock: underrun slots (+ missed by Asterisk) "
         "| clock: sent->RTP | MEDIA_FLUSHED |error| max | clock estimate |error| median / max "
         "| clock-paced call: |error| median / max | MARK_PLAYED-RTP wire | at the bot "
         "| marks played / cleared / unanswered |",
@@ -160,9 +164,10 @@ def link_markdown(link: dict[str, Any]) -> list[str]:
     for name, c in link.get("network", {}).items():
         m, k = c["marks"], c["clock"]
         lines.append(
-            f"| {name} | {m['underrun_slots']} | "
+            f"| {name} | {m['underrun_slots']} (+{m.get('ticks_missed_slots', 0)}) | "
             f"{_num(m['sent_to_rtp_median_ms'], '.1f', ' ms')} | "
-            f"{k['underrun_slots']} | {_num(k['sent_to_rtp_median_ms'], '.1f', ' ms')} | "
+            f"{k['underrun_slots']} (+{k.get('ticks_missed_slots', 0)}) | "
+            f"{_num(k['sent_to_rtp_median_ms'], '.1f', ' ms')} | "
             f"{_worst(m['flushed_bargein_abs_error_ms'])} | "
             f"{_median(m['clock_bargein_abs_error_ms'])} / "
             f"{_worst(m['clock_bargein_abs_error_ms'])} | "
@@ -182,7 +187,8 @@ def link_markdown(link: dict[str, Any]) -> list[str]:
         )
         lines += ["", f"{title}: {ms / 60000:.0f} min {how}, the same pair.", ""]
         lines += [
-            "| paced by | underrun slots | sent->RTP median | p95 | clock estimate drift "
+            "| paced by | underrun slots (+ missed by Asterisk) | sent->RTP median | p95 "
+            "| clock estimate drift "
             "| marks estimate drift | clock - RTP at the end | ticks late (>25 ms) per 1000 "
             "| longest tick |",
             "|---|---|---|---|---|---|---|---|---|",
@@ -194,7 +200,8 @@ def link_markdown(link: dict[str, Any]) -> list[str]:
             end = f"{drift[-1][1]:+.1f} ms" if drift else "-"
             t = entry["tick"]
             lines.append(
-                f"| {strategy} | {p['underrun_slots']} | {p['sent_to_rtp_ms']['median']:.0f} ms | "
+                f"| {strategy} | {p['underrun_slots']} (+{p.get('ticks_missed_slots', 0)}) | "
+                f"{p['sent_to_rtp_ms']['median']:.0f} ms | "
                 f"{p['sent_to_rtp_ms']['p95']:.0f} ms | "
                 f"{_num(entry['clock_drift_ms_per_min'], '+.2f', ' ms/min')} | "
                 f"{_num(entry['marks_drift_ms_per_min'], '+.2f', ' ms/min')} | {end} | "

@@ -153,9 +153,9 @@ def with_link_and_instructions() -> dict[str, Any]:
 def test_markdown_has_the_link_and_the_instructions() -> None:
     text = report.markdown(with_link_and_instructions())
     # MEDIA_FLUSHED max 0, the clock estimate's median and max, both calls.
-    assert "| 75 ± 20 ms | 2 | 0.1 ms | 2 | 0.1 ms | 0.0 | 36.8 / 61.5 |" in text
+    assert "| 75 ± 20 ms | 2 (+0) | 0.1 ms | 2 (+0) | 0.1 ms | 0.0 | 36.8 / 61.5 |" in text
     assert "| 14 / 6 / 0 |" in text
-    assert "| marks | 1 | 0 ms | 0 ms | +20.00 ms/min | -0.10 ms/min | +25.0 ms |" in text
+    assert "| marks | 1 (+0) | 0 ms | 0 ms | +20.00 ms/min | -0.10 ms/min | +25.0 ms |" in text
     assert "| patched mark every 20ms | 2,500,000 | 2,500,000, 2,500,000 | 0.00% | 10,000 |" in text
     assert "A MARK every 20 ms: +25.0%" in text
     assert "upstream's MARK_MEDIA every 20 ms: +21.2%" in text
