@@ -86,6 +86,11 @@ class Summary:
         )
 
 
+def summary_dict(s: Summary) -> dict[str, float]:
+    """*s* as a dict for JSON, to three decimals."""
+    return {k: round(v, 3) for k, v in vars(s).items()}
+
+
 def percentile(ordered: Sequence[float], pct: float) -> float:
     """Nearest-rank percentile of already sorted values."""
     if not ordered:

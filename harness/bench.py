@@ -25,9 +25,9 @@ from pathlib import Path
 from typing import Any
 
 from harness import analysis, audio, bench_link, instructions, tts
-from harness.analysis import MarkReport, StreamMap, Summary
+from harness.analysis import MarkReport, StreamMap, Summary, summary_dict
 from harness.pacer import Pacer, Strategy
-from harness.pcap import TcpdumpCapture, read_packets, rtp_by_destination, websocket_messages
+from harness.pcap import TcpdumpCapture, read_and_remove, rtp_by_destination, websocket_messages
 from harness.phonepool import PhonePool
 from harness.rig import LiveCall, Rig
 from harness.topology import DIAL, TOPOLOGIES, Topology
@@ -170,14 +170,6 @@ async def load_run(
     return outcomes, await asyncio.to_thread(read_and_remove, pcap)
 
 
-def read_and_remove(pcap: Path) -> Any:
-    """The packets of *pcap*; the file and tcpdump's log are removed."""
-    packets = read_packets(pcap)
-    pcap.unlink(missing_ok=True)
-    pcap.with_suffix(".tcpdump.log").unlink(missing_ok=True)
-    return packets
-
-
 def reports(
     outcomes: Sequence[CallOutcome], packets: Any, bot_port: int, *, mixed: bool = False
 ) -> tuple[MarkReport, MarkReport]:
@@ -208,10 +200,6 @@ def merge(a: MarkReport, b: MarkReport) -> MarkReport:
         a.duplicated + b.duplicated,
         a.out_of_order + b.out_of_order,
     )
-
-
-def summary_dict(s: Summary) -> dict[str, float]:
-    return {k: round(v, 3) for k, v in asdict(s).items()}
 
 
 # --- scenarios ----------------------------------------------------------------------

@@ -40,13 +40,13 @@ from pathlib import Path
 from typing import Any
 
 from harness import analysis, audio, tts
-from harness.analysis import StreamMap, Summary
+from harness.analysis import StreamMap, Summary, summary_dict
 from harness.bot import BotServer
 from harness.capture import RtpPacket
 from harness.events import ProtocolError, parse_event
 from harness.netns import NetNs, Shape
 from harness.pacer import Pacer, PacingResult, Strategy
-from harness.pcap import TcpdumpCapture, read_packets, rtp_by_destination, websocket_messages
+from harness.pcap import TcpdumpCapture, read_and_remove, rtp_by_destination, websocket_messages
 from harness.phonepool import PhonePool
 from harness.rig import LiveCall, Rig
 
@@ -144,10 +144,6 @@ async def paced_call(
 # --- analysis -------------------------------------------------------------------------
 
 
-def _round(s: Summary) -> dict[str, float]:
-    return {k: round(v, 3) for k, v in vars(s).items()}
-
-
 def tick_stats(packets: Sequence[RtpPacket]) -> dict[str, Any]:
     """The media tick from RTP inter-departure times, while audio flowed."""
     times = sorted(p.t for p in packets)
@@ -160,7 +156,7 @@ def tick_stats(packets: Sequence[RtpPacket]) -> dict[str, Any]:
         "late_per_1000": round(1000 * sum(1 for g in ticks if g > LATE_TICK_MS) / len(ticks), 2)
         if ticks
         else 0.0,
-        "interval_ms": _round(Summary.of(ticks)),
+        "interval_ms": summary_dict(Summary.of(ticks)),
     }
 
 
@@ -239,7 +235,7 @@ def pacing_figures(paced: Paced, stream: StreamMap, one_way_s: float = 0.0) -> d
         "underrun_slots": underruns,
         "tts_starved_slots": starved,
         "ticks_missed_slots": ticks,
-        "sent_to_rtp_ms": _round(Summary.of([q for _, q in chunk_latencies(stream, result)])),
+        "sent_to_rtp_ms": summary_dict(Summary.of([q for _, q in chunk_latencies(stream, result)])),
         "lost_bytes": stream.lost,
     }
 
@@ -306,8 +302,8 @@ def mark_reports(
         "unanswered": sum(1 for m, _ in result.marks if m not in answered),
         "duplicated": bot.duplicated,
         "out_of_order": bot.out_of_order,
-        "wire": _round(wire.summary),
-        "bot": _round(bot.summary),
+        "wire": summary_dict(wire.summary),
+        "bot": summary_dict(bot.summary),
     }
 
 
@@ -366,8 +362,8 @@ async def run_pair(
     ):
         for p in pair:
             group.create_task(paced_call(link.rig, p, response_ms, barge_in_ms, seed))
-    rtp = rtp_by_destination(await asyncio.to_thread(_read_and_remove, rtp_pcap))
-    ws = websocket_messages(await asyncio.to_thread(_read_and_remove, ws_pcap), link.rig.bot.port)
+    rtp = rtp_by_destination(await asyncio.to_thread(read_and_remove, rtp_pcap))
+    ws = websocket_messages(await asyncio.to_thread(read_and_remove, ws_pcap), link.rig.bot.port)
     figures: dict[str, Any] = {}
     for p in pair:
         assert p.live is not None
@@ -392,13 +388,6 @@ async def run_pair(
             entry["marks"] = marks
         figures[p.strategy.value] = entry
     return figures
-
-
-def _read_and_remove(pcap: Path) -> Any:
-    packets = read_packets(pcap)
-    pcap.unlink(missing_ok=True)
-    pcap.with_suffix(".tcpdump.log").unlink(missing_ok=True)
-    return packets
 
 
 # --- a loaded machine ------------------------------------------------------------------

@@ -119,6 +119,14 @@ def read_packets(pcap: Path) -> Any:
     return scapy.all.rdpcap(str(pcap))
 
 
+def read_and_remove(pcap: Path) -> Any:
+    """The packets of *pcap*; the file and tcpdump's log are removed."""
+    packets = read_packets(pcap)
+    pcap.unlink(missing_ok=True)
+    pcap.with_suffix(".tcpdump.log").unlink(missing_ok=True)
+    return packets
+
+
 def rtp_by_destination(packets: Any) -> dict[int, list[RtpPacket]]:
     """The RTP in *packets*, grouped by destination port (one caller each)."""
     groups: dict[int, list[RtpPacket]] = defaultdict(list)
