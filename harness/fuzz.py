@@ -41,10 +41,10 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+from astmarks.protocol import ControlFormat, Event
 from harness import audio
 from harness.bot import BotError, BotSession
 from harness.capture import RtpPacket
-from harness.events import ControlFormat, Event
 from harness.timing import units
 
 log = logging.getLogger(__name__)
@@ -63,8 +63,9 @@ CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 WHITESPACE = " \t\n\v\f\r"
 #: What ast_strip() removes from both ends of a command: every byte below '!'.
 BLANKS = "".join(chr(c) for c in range(33))
-#: The index of the first tagged frame before the final mark.
+#: The index of the first tagged frame before the final mark, and how many.
 FINAL_FRAMES = 900_000
+FINAL_COUNT = 25
 #: Characters for ids the oracle can match in either format.
 ID_CHARS = string.ascii_letters + string.digits + "-_.+=/"
 
@@ -639,8 +640,14 @@ class FuzzReport:
     failures: list[str]
     #: The final mark's MARK_PLAYED, if it came.
     final_mark: Event | None = None
-    #: Its arrival minus the RTP departure of the frame before it, once known.
+    #: When the bot sent the final MARK (wall clock).
+    final_mark_sent: float | None = None
+    #: Its arrival minus when it was due, once known: the RTP departure of the
+    #: frame before it, or the MARK's sending if its audio had all been played
+    #: by then (a MARK on an empty queue is answered at once).
     final_mark_error_ms: float | None = None
+    #: The MARK was sent after its audio had played (the bot was that slow).
+    final_mark_late_ms: float = 0.0
 
     @property
     def ok(self) -> bool:
@@ -650,11 +657,16 @@ class FuzzReport:
         """Time the final mark against the RTP sent to the caller."""
         if self.final_mark is None:
             return
-        last = [p for p in packets if audio.frame_index(p.payload) == FINAL_FRAMES + 9]
+        index = FINAL_FRAMES + FINAL_COUNT - 1
+        last = [p for p in packets if audio.frame_index(p.payload) == index]
         if not last:
             self.failures.append("the final frames never reached the caller")
             return
-        self.final_mark_error_ms = (self.final_mark.t - last[-1].t) * 1000
+        due = last[-1].t
+        if self.final_mark_sent is not None and self.final_mark_sent > due:
+            self.final_mark_late_ms = (self.final_mark_sent - due) * 1000
+            due = self.final_mark_sent
+        self.final_mark_error_ms = (self.final_mark.t - due) * 1000
 
     def summary(self) -> str:
         kinds = ", ".join(f"{k} {v}" for k, v in sorted(self.answers.items()))
@@ -662,6 +674,12 @@ class FuzzReport:
             "no final mark"
             if self.final_mark_error_ms is None
             else f"final mark {self.final_mark_error_ms:+.2f} ms from its RTP"
+            + (
+                f" (its MARK was sent {self.final_mark_late_ms:.0f} ms after that RTP: "
+                "measured from the sending)"
+                if self.final_mark_late_ms
+                else ""
+            )
         )
         verdict = "OK" if self.ok else f"{len(self.failures)} FAILURES"
         return (
@@ -710,7 +728,7 @@ async def run(
     final = grammar.flush()
     oracle.sent.append(grammar.place(final))
     await session.send_raw_text(final.data)
-    mark = await final_mark(session, grammar, oracle)
+    mark, mark_sent = await final_mark(session, grammar, oracle)
     await asyncio.sleep(0.2)
     oracle.check(session.events, session.texts)
     if session.protocol_errors:
@@ -724,6 +742,7 @@ async def run(
         answers=answers,
         failures=oracle.failures,
         final_mark=mark,
+        final_mark_sent=mark_sent,
     )
     log.info("fuzz: %s", report.summary())
     return report
@@ -757,8 +776,11 @@ class _Pending:
             await asyncio.sleep(0.002)
 
 
-async def final_mark(session: BotSession, grammar: Grammar, oracle: Oracle) -> Event | None:
-    """After everything: 10 tagged frames and a mark; its MARK_PLAYED, if it came."""
+async def final_mark(
+    session: BotSession, grammar: Grammar, oracle: Oracle
+) -> tuple[Event | None, float | None]:
+    """After everything: tagged frames and a mark; its MARK_PLAYED, if it came,
+    and when the MARK was sent."""
     flushes = grammar.window
     try:
         await session.wait_for(
@@ -766,16 +788,17 @@ async def final_mark(session: BotSession, grammar: Grammar, oracle: Oracle) -> E
         )
     except BotError as exc:
         oracle.fail(f"the last flush was not answered: {exc}")
-        return None
+        return None, None
     await session.command("CONTINUE_MEDIA")
-    frames = Message(audio.tagged_frames(FINAL_FRAMES, 10), True, Answer.NOTHING)
+    frames = Message(audio.tagged_frames(FINAL_FRAMES, FINAL_COUNT), True, Answer.NOTHING)
     oracle.sent.append(grammar.place(frames))
     await session.send_audio(frames.data)
     mark = Message(b"", False, Answer.MARK, mark_id=f"final-{grammar.serial}")
     oracle.sent.append(grammar.place(mark))
     await session.command("MARK", mark.mark_id)
+    sent = time.time()
     try:
-        return await session.wait_mark(mark.mark_id, names=("MARK_PLAYED",))
+        return await session.wait_mark(mark.mark_id, names=("MARK_PLAYED",)), sent
     except BotError as exc:
         oracle.fail(f"the final mark was not played: {exc}")
-        return None
+        return None, sent
