@@ -121,3 +121,33 @@ def test_problems_are_what_breaks_the_rules() -> None:
     table = testsuite.summary(bad)
     assert "ours (ours)" in table
     assert "upstream tests passed" in table
+
+
+def test_a_later_pass_is_kept_and_called_flaky() -> None:
+    first = result("m", False, {"up": (True, "failed"), "other": (True, "passed")})
+    first.tests[0].message, first.tests[0].logs = "Reactor timeout", "/logs/m"
+    retry = result("m", False, {"up": (True, "passed")})
+    retry.tests[0].logs = "/logs/m-try2"
+    first.again(retry)
+    up = first.tests[0]
+    assert up.passed and up.flaky and up.logs == "/logs/m-try2"
+    assert up.earlier[0].startswith("attempt 1: failed (logs in /logs/m)")
+    assert "Reactor timeout" in up.earlier[0]
+    assert not first.tests[1].flaky
+    assert first.seconds == 2.0
+    assert testsuite.problems([first]) == []
+    table = testsuite.summary([first])
+    assert "passed (try 2)" in table
+    assert "flaky (passed again)" in table
+
+
+def test_a_failure_on_every_attempt_is_a_failure() -> None:
+    first = result("m", False, {"up": (True, "failed")})
+    first.tests[0].logs = "/logs/m"
+    again = result("m", False, {"up": (True, "failed")})
+    again.tests[0].logs = "/logs/m-try2"
+    first.again(again)
+    up = first.tests[0]
+    assert not up.passed and not up.flaky and len(up.earlier) == 1
+    assert up.shown == "failed"
+    assert testsuite.problems([first])

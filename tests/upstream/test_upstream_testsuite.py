@@ -41,13 +41,15 @@ def results() -> list[BuildResult]:
 
 
 def explain(result: BuildResult, test: TestResult) -> str:
-    """Why a test failed: its message and where its logs are."""
-    logs = Path(result.logs)
+    """Why a test failed: its message, where its logs are, and earlier attempts."""
+    logs = Path(test.logs or result.logs)
     runtests = logs / "runtests.log"
     tail = runtests.read_text(errors="replace").splitlines()[-40:] if runtests.exists() else []
     return (
         f"{test.name} {test.outcome} on {result.label} (logs in {logs}):\n"
-        f"{test.message[-3000:]}\n--- runtests.py, last lines ---\n" + "\n".join(tail)
+        f"{test.message[-3000:]}\n--- runtests.py, last lines ---\n"
+        + "\n".join(tail)
+        + "".join(f"\n--- earlier, {e}" for e in test.earlier)
     )
 
 
@@ -63,6 +65,14 @@ def reason(result: BuildResult, test: TestResult) -> str:
 
 def test_all_of_them_ran(results: list[BuildResult]) -> None:
     report("upstream's testsuite, passes per build", "\n" + testsuite.summary(results))
+    for result in results:
+        for test in result.tests:
+            if test.flaky:
+                report(
+                    f"upstream's testsuite, FLAKY on {result.label}",
+                    f"{test.name} passed on attempt {len(test.earlier) + 1}; "
+                    + "; ".join(e.splitlines()[0] for e in test.earlier),
+                )
     for result in results:
         upstream = [t for t in result.tests if t.upstream]
         ours = [t for t in result.tests if not t.upstream]
