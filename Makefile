@@ -88,8 +88,8 @@ demo: asterisk
 	@$(PY) -m harness demo --topology $(TOPOLOGY)
 
 lint: setup
-	@$(VENV)/bin/ruff check harness tests
-	@$(VENV)/bin/ruff format --check harness tests
+	@$(VENV)/bin/ruff check astmarks harness tests
+	@$(VENV)/bin/ruff format --check astmarks harness tests
 	@$(VENV)/bin/mypy
 
 unit: setup

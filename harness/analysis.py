@@ -13,9 +13,9 @@ import statistics
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
+from astmarks.protocol import Event
 from harness.audio import FRAME_BYTES, ULAW_LINEAR, ULAW_SILENCE
 from harness.capture import RtpPacket
-from harness.events import Event
 
 #: How many frames ahead to look for a match when a frame is missing.
 LOOKAHEAD = 50

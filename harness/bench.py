@@ -24,9 +24,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from astmarks.pacer import Pacer, Strategy
 from harness import analysis, audio, bench_link, instructions, tts
 from harness.analysis import MarkReport, StreamMap, Summary, summary_dict
-from harness.pacer import Pacer, Strategy
 from harness.pcap import TcpdumpCapture, read_and_remove, rtp_by_destination, websocket_messages
 from harness.phonepool import PhonePool
 from harness.rig import LiveCall, Rig

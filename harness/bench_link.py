@@ -4,7 +4,7 @@ The bot runs in a network namespace of its own, joined to Asterisk's by a
 veth pair whose traffic is shaped in both directions (:mod:`harness.netns`:
 one-way delay with jitter, or loss that TCP retransmits). Each scenario is a
 *paced pair*: two calls at once, each streaming the same simulated TTS
-response with :class:`harness.pacer.Pacer`, one paced by marks and one by a
+response with :class:`astmarks.pacer.Pacer`, one paced by marks and one by a
 clock estimate, and barged in at the same point. From the captures (RTP on
 loopback, the WebSocket on Asterisk's side of the link) it takes:
 
@@ -39,13 +39,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from astmarks.pacer import Pacer, PacingResult, Strategy
+from astmarks.protocol import ProtocolError, parse_event
 from harness import analysis, audio, tts
 from harness.analysis import StreamMap, Summary, summary_dict
 from harness.bot import BotServer
 from harness.capture import RtpPacket
-from harness.events import ProtocolError, parse_event
 from harness.netns import NetNs, Shape
-from harness.pacer import Pacer, PacingResult, Strategy
 from harness.pcap import TcpdumpCapture, read_and_remove, rtp_by_destination, websocket_messages
 from harness.phonepool import PhonePool
 from harness.rig import LiveCall, Rig
@@ -288,9 +288,9 @@ def mark_reports(
         return None
     answered = {e.mark_id: e.name for e in live.session.named("MARK_PLAYED", "MARK_CLEARED")}
     played = [
-        (m, off - result.start_offset)
-        for m, off in result.marks
-        if answered.get(m) == "MARK_PLAYED"
+        (m.mark_id, m.offset - result.start_offset)
+        for m in result.marks
+        if answered.get(m.mark_id) == "MARK_PLAYED"
     ]
     wire_acks, bot_acks = acks(live, ws, ("MARK_PLAYED",))
     wire = analysis.mark_report(played, wire_acks, stream)
@@ -298,8 +298,8 @@ def mark_reports(
     return {
         "placed": len(result.marks),
         "played": len(played),
-        "cleared": sum(1 for m, _ in result.marks if answered.get(m) == "MARK_CLEARED"),
-        "unanswered": sum(1 for m, _ in result.marks if m not in answered),
+        "cleared": sum(1 for m in result.marks if answered.get(m.mark_id) == "MARK_CLEARED"),
+        "unanswered": sum(1 for m in result.marks if m.mark_id not in answered),
         "duplicated": bot.duplicated,
         "out_of_order": bot.out_of_order,
         "wire": summary_dict(wire.summary),

@@ -23,9 +23,10 @@ from urllib.parse import parse_qs, urlsplit
 from websockets.asyncio.client import connect
 from websockets.asyncio.connection import Connection
 from websockets.asyncio.server import Server, ServerConnection, serve
-from websockets.exceptions import ConnectionClosed, InvalidHandshake
+from websockets.exceptions import InvalidHandshake
 
-from harness.events import ControlFormat, Event, ProtocolError, format_command, parse_event
+from astmarks.protocol import Event, ProtocolError, parse_event
+from astmarks.session import MediaSession
 from harness.ports import LOOPBACK
 from harness.service import Service
 from harness.timing import units
@@ -48,12 +49,18 @@ class ReceivedAudio:
     t: float
 
 
-class BotSession:
-    """One chan_websocket connection, from MEDIA_START to close."""
+class BotSession(MediaSession):
+    """One chan_websocket connection, from MEDIA_START to close, recorded.
+
+    The library's :class:`~astmarks.session.MediaSession` (a pacer or a test
+    can use its API), which also keeps every event and message with its
+    arrival time, and sends anything, valid or not. It never waits for
+    ``MEDIA_XON`` before sending audio: tests overflow the queue on purpose.
+    """
 
     def __init__(self, connection: Connection, tag: str | None = None) -> None:
         """*tag*: the call's tag, where the URI has none (a bot that connected in)."""
-        self.connection = connection
+        super().__init__(connection, timeout=units(10), flow_control=False)
         request = connection.request
         path = request.path if request is not None else "/"
         self.path = path
@@ -65,13 +72,8 @@ class BotSession:
         self.texts: list[str] = []
         self.audio_in: list[ReceivedAudio] = []
         self.protocol_errors: list[str] = []
-        self.format: ControlFormat = ControlFormat.PLAIN
-        self.closed = asyncio.Event()
-        self.close_code: int | None = None
-        self.bytes_sent = 0
         #: Whether the driver has MARK, once :meth:`probe_marks` has asked.
         self.marks_supported: bool | None = None
-        self._changed = asyncio.Condition()
 
     @property
     def tag(self) -> str | None:
@@ -84,7 +86,7 @@ class BotSession:
 
     # --- receiving -------------------------------------------------------------------
 
-    async def _record_text(self, text: str) -> None:
+    def _on_text(self, text: str) -> None:
         t, mono = time.time(), time.monotonic()
         self.texts.append(text)
         try:
@@ -102,28 +104,16 @@ class BotSession:
             mono=mono,
             index=len(self.events),
         )
-        if event.name == "MEDIA_START":
-            self.format = event.format
         log.debug("bot %s: <- %s", self.tag, text)
-        async with self._changed:
-            self.events.append(event)
-            self._changed.notify_all()
+        self.events.append(event)
+        self._handle(event)
 
-    async def _run(self) -> None:
-        try:
-            async for message in self.connection:
-                if isinstance(message, str):
-                    await self._record_text(message)
-                else:
-                    self.audio_in.append(ReceivedAudio(bytes(message), time.time()))
-        except ConnectionClosed:
-            pass
-        finally:
-            self.close_code = self.connection.close_code
-            self.closed.set()
-            async with self._changed:
-                self._changed.notify_all()
-            log.debug("bot: session %s closed (code %s)", self.tag, self.close_code)
+    def _on_audio(self, data: bytes) -> None:
+        self.audio_in.append(ReceivedAudio(data, time.time()))
+
+    async def run(self) -> None:
+        await super().run()
+        log.debug("bot: session %s closed (code %s)", self.tag, self.close_code)
 
     # --- waiting ----------------------------------------------------------------------
 
@@ -202,11 +192,6 @@ class BotSession:
 
     # --- sending ----------------------------------------------------------------------
 
-    async def send_audio(self, data: bytes) -> None:
-        """Send media as one binary message."""
-        await self.connection.send(data)
-        self.bytes_sent += len(data)
-
     async def send_text(self, text: str) -> None:
         """Send one raw TEXT message (for commands the helpers do not cover)."""
         log.debug("bot %s: -> %s", self.tag, text)
@@ -216,10 +201,6 @@ class BotSession:
         """Send *data* as a TEXT message as it is, valid UTF-8 or not (as a broken bot might)."""
         log.debug("bot %s: -> %r (raw)", self.tag, data)
         await self.connection.send(data, text=True)
-
-    async def command(self, command: str, argument: str | int | None = None, **extra: Any) -> None:
-        """Send a command in this session's control format."""
-        await self.send_text(format_command(self.format, command, argument, **extra))
 
     async def get_status(self, timeout: float | None = None) -> Event:
         """Send ``GET_STATUS`` and return the ``STATUS`` that answers it.
@@ -352,12 +333,12 @@ class BotServer(Service):
         self.sessions.append(session)
         if self._on_session is None:
             self._queue(session.tag).put_nowait(session)
-            await session._run()
+            await session.run()
             return
         # A serving bot: its handler runs beside the receiving loop and ends with it.
         handler = asyncio.create_task(self._on_session(session))
         try:
-            await session._run()
+            await session.run()
         finally:
             handler.cancel()
             with contextlib.suppress(asyncio.CancelledError):

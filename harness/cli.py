@@ -20,6 +20,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from astmarks.pacer import Pacer
+from astmarks.protocol import ControlFormat, Event
 from harness import (
     analysis,
     audio,
@@ -37,8 +39,6 @@ from harness.asterisk import REPO_ROOT, AsteriskError, find_install
 from harness.bot import BotError
 from harness.caller import CallerError
 from harness.capture import CaptureError, check_capture_possible
-from harness.events import ControlFormat, Event
-from harness.pacer import Pacer
 from harness.ports import parse_host_port
 from harness.rig import Rig
 from harness.topology import DIAL, TOPOLOGIES, Topology, topology
@@ -103,8 +103,8 @@ async def demo(args: argparse.Namespace) -> int:
         async with rig.call(control_format=fmt, pcap=logdir / "rtp.pcap", topology=where) as call:
             session = call.session
             pacer = Pacer(session, target_ms=args.target_ms)
-            await session.probe_marks()
-            how = "MARK" if session.marks_supported else "MARK_MEDIA and a clock (no MARK here)"
+            caps = await session.started()
+            how = "MARK" if caps.marks else "MARK_MEDIA and a clock (no MARK here)"
             say(
                 f"connected ({fmt.value}); streaming the prompt as a TTS engine would, "
                 f"a mark per chunk with {how}, about {args.target_ms:.0f} ms queued"
@@ -116,7 +116,7 @@ async def demo(args: argparse.Namespace) -> int:
                 pacer.barge_in()
             result = await playing
             if not result.interrupted:
-                await session.wait_mark(result.marks[-1][0], ACK_EVENTS, timeout=10.0)
+                await result.played(timeout=10.0)
             await asyncio.sleep(0.3)
             say("hanging up")
         packets = call.packets
@@ -128,9 +128,10 @@ async def demo(args: argparse.Namespace) -> int:
     # (The pacer completes the last frame with silence: nothing is held then.)
     held = min(session.bytes_sent % audio.FRAME_BYTES, len(sent)) if where.mixes else 0
     acks = [(e.mark_id, e.t) for e in session.named(*ACK_EVENTS) if e.mark_id]
-    marks = analysis.mark_report(result.marks, acks, stream)
+    placed = [(m.mark_id, m.offset) for m in result.marks]
+    marks = analysis.mark_report(placed, acks, stream)
     cleared = {e.mark_id for e in session.named("MARK_CLEARED")}
-    unanswered = sum(1 for m, _ in result.marks if m not in cleared) - marks.acked
+    unanswered = sum(1 for m, _ in placed if m not in cleared) - marks.acked
     clean = stream.lost == 0 and stream.unmatched == 0
     print()
     print("Summary")
@@ -236,6 +237,10 @@ def testsuite_command(args: argparse.Namespace) -> int:
     found = testsuite.problems(results)
     for problem in found:
         print(f"  PROBLEM: {problem}")
+    for result in results:
+        for test in result.tests:
+            if test.flaky:
+                print(f"  FLAKY: {test.name} on {result.label}: {test.earlier[0][:300]}")
     print(
         "result: "
         + ("FAILED" if found else "OK: upstream's tests pass everywhere, ours only with the series")
@@ -320,7 +325,7 @@ async def bot_command(args: argparse.Namespace) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     async with demobot.DemoBot(host, port, greeting=args.text) as bot:
-        log.info("demo bot: listening on %s (logs in %s)", bot.server.uri, logdir)
+        log.info("demo bot: listening on %s (logs in %s)", bot.uri, logdir)
         await stop.wait()
         log.info("demo bot: stopping")
     return 0

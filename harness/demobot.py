@@ -1,12 +1,15 @@
 """The demo bot: what a person hears when they call the Docker setup.
 
-``python -m harness bot`` serves chan_websocket connections. In each call the
-bot speaks a greeting the way a bot streams text-to-speech: in chunks of
-uneven size, a ``MARK`` after each, paced by ``MARK_PLAYED``
-(:class:`harness.pacer.Pacer`). If the caller talks over it, the bot stops at
-once (``FLUSH_MEDIA``) and says how much of the greeting was heard, from
-``MEDIA_FLUSHED``; otherwise it says goodbye. Then it hangs up. Every
-playback event is logged with its position, so the log shows the marks.
+``python -m harness bot`` serves chan_websocket connections, written as a bot
+author writes one: a ``websockets`` server whose handler wraps each
+connection in :class:`astmarks.MediaSession` and speaks through
+:class:`astmarks.pacer.Pacer`, through the library's public API only. In each
+call the bot speaks a greeting the way a bot streams text-to-speech: in
+chunks of uneven size, a ``MARK`` after each, paced by ``MARK_PLAYED``. If
+the caller talks over it, the bot stops at once (``FLUSH_MEDIA``) and says
+how much of the greeting was heard, from ``MEDIA_FLUSHED``; otherwise it says
+goodbye. Then it hangs up. Every playback event is logged with its position,
+so the log shows the marks.
 """
 
 from __future__ import annotations
@@ -16,10 +19,12 @@ import contextlib
 import itertools
 import logging
 
+from websockets.asyncio.server import Server, ServerConnection, serve
+
+from astmarks import MediaSession, MediaSessionError
+from astmarks.pacer import Pacer
+from astmarks.protocol import Event
 from harness import audio, tts
-from harness.bot import BotError, BotServer, BotSession
-from harness.events import Event
-from harness.pacer import Pacer, PacingResult
 from harness.service import Service
 
 log = logging.getLogger(__name__)
@@ -36,46 +41,74 @@ PLAYBACK_EVENTS = ("MARK_PLAYED", "MARK_CLEARED", "MEDIA_FLUSHED", "MEDIA_MARK_P
 SPEECH_LEVEL = 1000
 #: How long the caller must talk before the bot stops (ms).
 SPEECH_MS = 200
+#: chan_websocket's WebSocket subprotocol.
+SUBPROTOCOL = "media"
 
 
 class DemoBot(Service):
     """A bot server answering every call with the greeting; an async context manager."""
 
     def __init__(self, host: str, port: int, *, greeting: str = GREETING) -> None:
-        self.server = BotServer(host, port, on_session=self.handle)
+        self.host = host
+        self.port = port
         self.greeting = greeting
         self._prompt: audio.Prompt | None = None
         self._calls = itertools.count(1)
+        self._server: Server | None = None
+
+    @property
+    def uri(self) -> str:
+        """What Asterisk's websocket_client.conf points at."""
+        port = self.port
+        if self._server is not None:
+            port = next(iter(self._server.sockets)).getsockname()[1]
+        return f"ws://{self.host}:{port}/media"
 
     async def start(self) -> None:
         self._prompt = await asyncio.to_thread(audio.render_prompt, self.greeting)
         log.info(
             "demo bot: greeting of %.1f s from %s", self._prompt.ms / 1000, self._prompt.source
         )
-        await self.server.start()
+        self._server = await serve(
+            self.handle,
+            self.host,
+            self.port,
+            subprotocols=[SUBPROTOCOL],  # type: ignore[list-item]
+            max_size=None,
+            ping_interval=None,
+            compression=None,
+        )
 
     async def stop(self) -> None:
-        await self.server.stop()
+        if self._server is not None:
+            self._server.close()
+            with contextlib.suppress(Exception):
+                await self._server.wait_closed()
+            self._server = None
 
-    async def handle(self, session: BotSession) -> None:
+    async def handle(self, connection: ServerConnection) -> None:
         """One call, from MEDIA_START to hang-up."""
         call = next(self._calls)
-        follow = asyncio.create_task(_log_events(call, session))
-        try:
-            await self._converse(call, session)
-        except BotError as exc:
-            log.info("call %d: ended early: %s", call, exc)
-        except Exception:
-            log.exception("call %d: the bot failed", call)
-            with contextlib.suppress(Exception):
-                await session.command("HANGUP")
-        finally:
-            follow.cancel()
 
-    async def _converse(self, call: int, session: BotSession) -> None:
+        def follow(event: Event) -> None:
+            if event.name in PLAYBACK_EVENTS:
+                log.info("call %d: %s", call, event.raw)
+
+        async with MediaSession(connection, on_event=follow) as session:
+            try:
+                await self._converse(call, session)
+            except MediaSessionError as exc:
+                log.info("call %d: ended early: %s", call, exc)
+            except Exception:
+                log.exception("call %d: the bot failed", call)
+                with contextlib.suppress(Exception):
+                    await session.command("HANGUP")
+
+    async def _converse(self, call: int, session: MediaSession) -> None:
         assert self._prompt is not None, "bot not started"
-        start = await session.wait_for("MEDIA_START")
-        log.info("call %d: connected (%s): %s", call, session.path, start.raw)
+        caps = await session.started()
+        path = session.connection.request.path if session.connection.request else "/"
+        log.info("call %d: connected (%s): %s", call, path, caps.fields)
         pacer = Pacer(session)
         playing = asyncio.create_task(pacer.play(tts.speak(self._prompt.ulaw)))
         talking = asyncio.create_task(_caller_talks(session))
@@ -90,48 +123,22 @@ class DemoBot(Service):
             reply = f"You interrupted me after {heard / 1000:.1f} seconds."
             log.info("call %d: MEDIA_FLUSHED: the caller heard %.0f ms", call, heard)
         else:
-            await _wait_played(session, result)
+            await result.played(timeout=30.0)
             reply = "You heard all of it. Goodbye."
         speech = await asyncio.to_thread(audio.render_prompt, reply)
-        await _wait_played(session, await Pacer(session).play(tts.speak(speech.ulaw)))
+        await (await Pacer(session).play(tts.speak(speech.ulaw))).played(timeout=30.0)
         log.info("call %d: hanging up", call)
         await session.command("HANGUP")
         await session.wait_closed()
 
 
-async def _wait_played(session: BotSession, result: PacingResult) -> Event | None:
-    """The acknowledgment of a response's last mark, if it placed any."""
-    if not result.marks:
-        return None
-    return await session.wait_mark(result.marks[-1][0], timeout=30.0)
-
-
-async def _caller_talks(session: BotSession) -> None:
+async def _caller_talks(session: MediaSession) -> None:
     """Return once the caller's audio has been loud for :data:`SPEECH_MS`."""
     loud_ms = 0.0
-    # The bot keeps no history of the caller's audio (a long call's memory
-    # stays flat): each poll takes what arrived since the last one.
-    session.audio_in.clear()
-    while not session.closed.is_set():
-        await asyncio.sleep(0.05)
-        fresh = list(session.audio_in)
-        session.audio_in.clear()
-        for piece in fresh:
-            if audio.level(piece.data) >= SPEECH_LEVEL:
-                loud_ms += audio.ms_of(len(piece.data))
-            else:
-                loud_ms = 0.0
+    async for piece in session.audio():
+        if audio.level(piece) >= SPEECH_LEVEL:
+            loud_ms += audio.ms_of(len(piece))
+        else:
+            loud_ms = 0.0
         if loud_ms >= SPEECH_MS:
             return
-
-
-async def _log_events(call: int, session: BotSession) -> None:
-    """Log each playback event as it arrives."""
-    after = -1
-    while True:
-        try:
-            event = await session.wait_for(PLAYBACK_EVENTS, after=after, timeout=3600.0)
-        except BotError:
-            return
-        after = event.index
-        log.info("call %d: %s", call, event.raw)

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from astmarks.protocol import ControlFormat
 from harness.ari import Ari, AriError, BridgedCall, ExternalMediaApp, MediaPlan
 from harness.asterisk import Asterisk, AsteriskError, tail
 from harness.bot import BotError, BotServer, BotSession
@@ -44,7 +45,6 @@ from harness.config import (
     INCOMING_EXTENSION,
     OPTIONS_HEADER,
 )
-from harness.events import ControlFormat
 from harness.ports import LOOPBACK, parse_host_port, source_address
 from harness.service import Service
 from harness.topology import DIAL, Creation, Topology

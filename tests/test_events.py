@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from harness.events import ControlFormat, ProtocolError, format_command, parse_event
+from astmarks.protocol import ControlFormat, ProtocolError, format_command, parse_event
 
 PLAIN_MEDIA_START = (
     "MEDIA_START connection_id:bot channel:WebSocket/bot/0x7f05 channel_id:1795497986.1 "

@@ -7,8 +7,8 @@ import random
 
 import pytest
 
+from astmarks.protocol import ControlFormat, Event, parse_event
 from harness import fuzz
-from harness.events import ControlFormat, Event, parse_event
 from harness.fuzz import Answer, Message, Oracle, Sent
 
 PLAIN, JSON = ControlFormat.PLAIN, ControlFormat.JSON

@@ -6,10 +6,10 @@ are timed against the RTP the caller's phone receives.
 
 from __future__ import annotations
 
+from astmarks.protocol import ControlFormat
 from harness import analysis
 from harness.ari import Ari, ExternalMediaApp
 from harness.config import ARI_EXTENSION
-from harness.events import ControlFormat
 from harness.rig import Rig
 from harness.timing import units
 from tests.conftest import report, send_marked_chunks

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from harness.events import ControlFormat
+from astmarks.protocol import ControlFormat
 
 
 @pytest.fixture(params=[ControlFormat.PLAIN, ControlFormat.JSON], ids=lambda f: f.value)

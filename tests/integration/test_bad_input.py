@@ -13,9 +13,9 @@ import asyncio
 
 import pytest
 
+from astmarks.protocol import ControlFormat
 from harness import audio
 from harness.bot import BotSession
-from harness.events import ControlFormat
 from harness.rig import Rig
 
 

@@ -14,9 +14,9 @@ from typing import Any
 
 import pytest
 
+from astmarks.pacer import Pacer, Strategy
 from harness import analysis, bench, tts
 from harness.caller import SipPhone
-from harness.pacer import Pacer, Strategy
 from harness.rig import Rig
 from tests.conftest import report
 
@@ -93,14 +93,18 @@ async def test_pacer_falls_back_on_upstream_and_says_so(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     rig = Rig(upstream_install, tmp_path, phone=phone, name="upstream")
-    with caplog.at_level(logging.WARNING, logger="harness.pacer"):
+    with caplog.at_level(logging.WARNING, logger="astmarks"):
         async with rig, rig.call() as call:
             pacer = Pacer(call.session, strategy=Strategy.MARKS)
             result = await pacer.play(tts.stream(1000, tts.TtsProfile(ttfb=0.05)))
-            await asyncio.sleep(0.3)
-    assert result.fallback
-    assert "falling back to MARK_MEDIA" in caplog.text
+            played = await result.played(timeout=5)
+            # A second response on the same call: the driver is not asked again.
+            again = await Pacer(call.session).play(tts.stream(400, tts.TtsProfile(ttfb=0.05)))
+            await again.played(timeout=5)
+    assert result.fallback and again.fallback
+    assert caplog.text.count("fall back to MARK_MEDIA") == 1, "said once per call"
     assert call.session.named("MEDIA_MARK_PROCESSED"), "MARK_MEDIA per chunk"
+    assert played is not None and played.played and played.played_ms is None
 
 
 async def test_pacer_barge_in_reports_what_the_caller_got(rig: Rig) -> None:

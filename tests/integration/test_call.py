@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from astmarks.protocol import ControlFormat
 from harness import analysis, audio
 from harness.caller import SipCall, SipPhone
-from harness.events import ControlFormat
 from harness.rig import Rig
 from tests.conftest import report
 

@@ -9,9 +9,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from astmarks.protocol import ControlFormat
 from harness import fuzz
 from harness.caller import SipPhone
-from harness.events import ControlFormat
 from harness.rig import Rig
 from tests.conftest import report
 

@@ -11,8 +11,8 @@ import asyncio
 import re
 import time
 
+from astmarks.protocol import ControlFormat
 from harness import analysis, audio
-from harness.events import ControlFormat
 from harness.rig import Rig
 from tests.conftest import (
     check_cleared_by_hangup,

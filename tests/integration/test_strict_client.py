@@ -23,10 +23,10 @@ from pathlib import Path
 
 import pytest
 
+from astmarks.protocol import ControlFormat
 from harness import audio
 from harness.bot import BotSession
 from harness.caller import SipPhone
-from harness.events import ControlFormat
 from harness.rig import Rig
 
 FORMATS = [ControlFormat.PLAIN, ControlFormat.JSON]

@@ -27,10 +27,10 @@ from pathlib import Path
 
 import pytest
 
+from astmarks.pacer import Pacer
+from astmarks.protocol import ControlFormat
 from harness import analysis, audio, tts
 from harness.caller import SipPhone
-from harness.events import ControlFormat
-from harness.pacer import Pacer
 from harness.rig import LiveCall, Rig
 from harness.topology import TOPOLOGIES, Creation, Topology
 from tests.conftest import (

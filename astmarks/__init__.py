@@ -1,0 +1,52 @@
+"""Exact playback acknowledgment for bots on Asterisk's chan_websocket.
+
+A bot that streams speech into a call over chan_websocket wraps its WebSocket
+in a :class:`MediaSession`: it places marks and awaits their results (played,
+with the position, or cleared by a flush), flushes on barge-in and learns how
+much the caller heard, and reads the caller's audio. :class:`Pacer` streams a
+response from a TTS engine, keeping a little audio queued in Asterisk, paced
+by the marks.
+
+The protocol itself (events and commands, plain-text and JSON) is in
+:mod:`astmarks.protocol`. The only dependency is ``websockets``.
+"""
+
+from astmarks.protocol import ControlFormat, Event, ProtocolError, format_command, parse_event
+from astmarks.session import (
+    Capabilities,
+    DriverError,
+    Flushed,
+    Mark,
+    MarkCleared,
+    MarkPlayed,
+    MarkResult,
+    MediaSession,
+    MediaSessionError,
+    MediaTimeout,
+    Position,
+    SessionClosed,
+    Status,
+)
+
+__version__ = "0.2.0"
+
+__all__ = [
+    "Capabilities",
+    "ControlFormat",
+    "DriverError",
+    "Event",
+    "Flushed",
+    "Mark",
+    "MarkCleared",
+    "MarkPlayed",
+    "MarkResult",
+    "MediaSession",
+    "MediaSessionError",
+    "MediaTimeout",
+    "Position",
+    "ProtocolError",
+    "SessionClosed",
+    "Status",
+    "format_command",
+    "parse_event",
+]

@@ -1,0 +1,707 @@
+"""One chan_websocket media connection, as a bot sees it.
+
+The bot owns the WebSocket (its own server accepted it, or it connected in to
+Asterisk); :class:`MediaSession` wraps it::
+
+    async def handler(ws):
+        async with MediaSession(ws) as session:
+            caps = await session.started()
+            await session.send_audio(chunk)
+            mark = await session.mark()
+            played = await mark.result()        # MarkPlayed, or MarkCleared
+            ...
+            flushed = await session.flush()     # on barge-in: what was heard
+
+While the session is open it reads the connection in a task of its own: every
+event resolves what waits for it (a mark's result, a flush, a status), the
+caller's audio goes to :meth:`MediaSession.audio`. Every await takes a
+timeout (the session's ``timeout`` by default) and raises
+:class:`MediaTimeout` when it passes; a closed connection raises
+:class:`SessionClosed`; an ``ERROR`` about a mark fails that mark with
+:class:`DriverError`. Nothing waits forever.
+
+A driver without ``MARK`` (Asterisk as released) is found out once, at
+:meth:`MediaSession.started`, and said once in the log: marks then use
+``MARK_MEDIA`` (acknowledged one ptime late, without positions), and
+positions come from a clock: the time since the audio was sent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import re
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable, Generator
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any, TypeVar
+
+from websockets.asyncio.connection import Connection
+from websockets.exceptions import ConnectionClosed
+
+from astmarks.protocol import ControlFormat, Event, ProtocolError, format_command, parse_event
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+#: A mark id: 1 to 64 visible ASCII characters (what the driver accepts).
+MARK_ID = re.compile(r"[!-~]{1,64}")
+#: How long an await waits by default (s).
+DEFAULT_TIMEOUT = 10.0
+
+
+class MediaSessionError(Exception):
+    """Something the bot waited for did not happen."""
+
+
+class MediaTimeout(MediaSessionError, TimeoutError):
+    """An await's timeout passed first."""
+
+
+class SessionClosed(MediaSessionError):
+    """The connection closed (the call ended) first."""
+
+
+class DriverError(MediaSessionError):
+    """Asterisk refused a command: its ``ERROR`` event's text."""
+
+    def __init__(self, text: str, event: Event | None = None) -> None:
+        super().__init__(text)
+        self.text = text
+        self.event = event
+
+
+# --- what the driver tells -----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What ``MEDIA_START`` said, and whether the driver has ``MARK``."""
+
+    channel: str
+    channel_id: str
+    connection_id: str
+    #: The media format (``ulaw``, ``alaw``, ``slin16``...).
+    codec: str
+    optimal_frame_size: int
+    ptime: int
+    control_format: ControlFormat
+    #: ``MARK``, ``MARK_PLAYED`` and positions (this project's driver); False:
+    #: ``MARK_MEDIA`` and a clock.
+    marks: bool
+    #: Every field of ``MEDIA_START`` as the wire carried it.
+    fields: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def bytes_per_ms(self) -> float:
+        """Bytes of media per millisecond (from the optimal frame size and ptime)."""
+        return self.optimal_frame_size / self.ptime if self.ptime else 8.0
+
+
+@dataclass(frozen=True)
+class Position:
+    """Where playback stood when Asterisk reported it (or the clock says so).
+
+    ``played_ms``: media played since the call started; ``queued_ms``: media
+    waiting to be played; ``t``: when the bot read it (``time.time()``).
+    """
+
+    played_ms: float
+    queued_ms: float
+    t: float
+    #: From the bot's clock, not from Asterisk (a driver without MARK).
+    estimated: bool = False
+
+
+@dataclass(frozen=True)
+class MarkPlayed:
+    """The media before the mark has been handed to the core."""
+
+    mark_id: str
+    #: The position after the media before the mark (None: MARK_MEDIA fallback).
+    played_ms: int | None
+    queued_ms: int | None
+    seq: int | None
+    t: float
+
+    played = True
+
+
+@dataclass(frozen=True)
+class MarkCleared:
+    """The mark will never play: flushed (``reason`` "flush") or hung up ("hangup")."""
+
+    mark_id: str
+    reason: str
+    played_ms: int | None
+    seq: int | None
+    t: float
+    #: Inferred by the session (a driver without MARK says nothing of cleared marks).
+    inferred: bool = False
+
+    played = False
+
+
+MarkResult = MarkPlayed | MarkCleared
+
+
+@dataclass(frozen=True)
+class Flushed:
+    """What ``FLUSH_MEDIA`` (or a hang-up) left: how much was heard and how much not."""
+
+    reason: str
+    #: Media played since the call started, when the queue was flushed.
+    played_ms: float
+    discarded_ms: float
+    cleared_marks: int
+    t: float
+    #: From the bot's clock (a driver without MARK reports nothing).
+    estimated: bool = False
+
+
+@dataclass(frozen=True)
+class Status:
+    """``STATUS``: the queue and, on this project's driver, the positions."""
+
+    queue_length: int
+    queue_full: bool
+    bulk_media: bool
+    media_paused: bool
+    pending_marks: int | None
+    played_ms: int | None
+    queued_ms: int | None
+    t: float
+    fields: dict[str, Any] = field(default_factory=dict)
+
+
+class Mark:
+    """A placed mark: await it (or :meth:`result`) for a :class:`MarkPlayed`
+    or :class:`MarkCleared`."""
+
+    def __init__(self, session: MediaSession, mark_id: str, offset: int) -> None:
+        self.session = session
+        self.mark_id = mark_id
+        #: Bytes of media the bot had sent before the mark.
+        self.offset = offset
+        self.sent = time.time()
+        self._future: asyncio.Future[MarkResult] = asyncio.get_running_loop().create_future()
+
+    def done(self) -> bool:
+        return self._future.done()
+
+    async def result(self, timeout: float | None = None) -> MarkResult:
+        """The mark's fate; MediaTimeout, SessionClosed or DriverError if none comes."""
+        return await self.session._wait(
+            asyncio.shield(self._future), timeout, f"mark {self.mark_id!r}"
+        )
+
+    def __await__(self) -> Generator[Any, None, MarkResult]:
+        return self.result().__await__()
+
+    def _resolve(self, result: MarkResult) -> None:
+        if not self._future.done():
+            self._future.set_result(result)
+
+    def _fail(self, error: Exception) -> None:
+        if not self._future.done():
+            self._future.set_exception(error)
+            self._future.exception()  # retrieved: nobody may ever await it
+
+    def __repr__(self) -> str:
+        fut = self._future
+        state = repr(fut.exception() or fut.result()) if fut.done() else "pending"
+        return f"<Mark {self.mark_id!r} at byte {self.offset}: {state}>"
+
+
+# --- the session ---------------------------------------------------------------------
+
+
+class MediaSession:
+    """One chan_websocket connection; an async context manager."""
+
+    def __init__(
+        self,
+        connection: Connection,
+        *,
+        timeout: float = DEFAULT_TIMEOUT,
+        audio_buffer: int = 500,
+        on_event: Callable[[Event], None] | None = None,
+        flow_control: bool = True,
+    ) -> None:
+        """*timeout*: the default of every await (s). *audio_buffer*: how many of
+        the caller's audio messages :meth:`audio` keeps unread (the oldest go
+        first). *on_event*: called with every event, as it is read.
+        *flow_control*: :meth:`send_audio` waits while Asterisk's queue is
+        nearly full (``MEDIA_XOFF`` to ``MEDIA_XON``)."""
+        self.connection = connection
+        self.timeout = timeout
+        self.flow_control = flow_control
+        self.on_event = on_event
+        self.format = ControlFormat.PLAIN
+        self.capabilities: Capabilities | None = None
+        #: Bytes of media sent so far.
+        self.bytes_sent = 0
+        #: The newest position (a report from Asterisk, or the clock's).
+        self.position: Position | None = None
+        #: Every ERROR Asterisk sent, oldest first.
+        self.errors: list[DriverError] = []
+        self.close_code: int | None = None
+        self.closed = asyncio.Event()
+        self._media_start: asyncio.Future[Event] = asyncio.get_running_loop().create_future()
+        self._marks: dict[str, Mark] = {}
+        self._ids = itertools.count(1)
+        self._statuses: deque[asyncio.Future[Status]] = deque()
+        self._flushes: deque[asyncio.Future[Flushed]] = deque()
+        self._changed = asyncio.Condition()
+        self._reports = 0  # positions reported so far
+        self._drained = 0  # QUEUE_DRAINED so far
+        self._xoff = False
+        self._audio: deque[bytes] = deque(maxlen=audio_buffer)
+        self._audio_dropped = 0
+        self._reader: asyncio.Task[None] | None = None
+        self._probe: asyncio.Task[bool] | None = None
+        # The clock: when what was sent so far will have played (time.time()).
+        self._play_end = 0.0
+        #: Media sent but never played: flushed, or dropped by a full queue (ms).
+        self._lost_ms = 0.0
+
+    # --- lifetime --------------------------------------------------------------------
+
+    async def __aenter__(self) -> MediaSession:
+        self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    def start(self) -> None:
+        """Start reading the connection in a task (``async with`` does it)."""
+        if self._reader is None:
+            self._reader = asyncio.create_task(self.run(), name="astmarks-reader")
+
+    async def aclose(self) -> None:
+        """Close the connection and stop reading; whatever still waits gets SessionClosed."""
+        with contextlib.suppress(Exception):
+            await self.connection.close()
+        if self._reader is not None:
+            with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError):
+                await asyncio.wait_for(asyncio.shield(self._reader), 2.0)
+            self._reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reader
+        self._closed_down()
+
+    async def wait_closed(self, timeout: float | None = None) -> None:
+        """Until the connection closes (the call ends)."""
+        await self._wait(self.closed.wait(), timeout, "the end of the call", closing=False)
+
+    # --- waiting ---------------------------------------------------------------------
+
+    async def _wait(
+        self, awaitable: Awaitable[T], timeout: float | None, what: str, *, closing: bool = True
+    ) -> T:
+        """*awaitable*, or MediaTimeout after *timeout*, or SessionClosed (if *closing*)."""
+        timeout = self.timeout if timeout is None else timeout
+        waiter = asyncio.ensure_future(awaitable)
+        waiters: set[asyncio.Future[Any]] = {waiter}
+        closed = asyncio.ensure_future(self.closed.wait()) if closing else None
+        if closed is not None:
+            waiters.add(closed)
+        try:
+            done, _ = await asyncio.wait(
+                waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+            )
+        finally:
+            for fut in waiters:
+                if not fut.done():
+                    fut.cancel()
+        if waiter in done:
+            return waiter.result()
+        if closed is not None and closed in done:
+            raise SessionClosed(f"the call ended (code {self.close_code}) before {what}")
+        raise MediaTimeout(f"no {what} within {timeout:.1f} s")
+
+    # --- reading ---------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Read the connection until it closes (:meth:`start` runs this in a task;
+        a bot may instead run it itself)."""
+        try:
+            async for message in self.connection:
+                if isinstance(message, str):
+                    self._on_text(message)
+                else:
+                    self._on_audio(bytes(message))
+                async with self._changed:
+                    self._changed.notify_all()
+        except ConnectionClosed:
+            pass
+        except Exception:
+            log.exception("astmarks: reading the connection failed; the session ends")
+        finally:
+            self.close_code = getattr(self.connection, "close_code", None)
+            self._closed_down()
+            async with self._changed:
+                self._changed.notify_all()
+
+    def _closed_down(self) -> None:
+        if self.closed.is_set():
+            return
+        self.closed.set()
+        error = SessionClosed(f"the call ended (code {self.close_code})")
+        for mark in self._marks.values():
+            mark._fail(error)
+        futures: list[asyncio.Future[Any]] = [*self._statuses, *self._flushes, self._media_start]
+        for fut in futures:
+            if not fut.done():
+                fut.set_exception(error)
+                fut.exception()  # retrieved: nobody may be waiting
+
+    def _on_audio(self, data: bytes) -> None:
+        if len(self._audio) == self._audio.maxlen:
+            self._audio_dropped += 1
+            if self._audio_dropped == 1:
+                log.warning("astmarks: the caller's audio is not being read; dropping the oldest")
+        self._audio.append(data)
+
+    def _on_text(self, text: str) -> None:
+        try:
+            event = parse_event(text, t=time.time(), mono=time.monotonic())
+        except ProtocolError as exc:
+            log.warning("astmarks: %s", exc)
+            return
+        self._handle(event)
+
+    def _handle(self, event: Event) -> None:
+        """Act on one event: resolve what waits for it, then ``on_event``."""
+        try:
+            self._dispatch(event)
+        except (KeyError, ProtocolError) as exc:
+            log.warning("astmarks: %s without a valid %s", event.name, exc)
+        if self.on_event is not None:
+            self.on_event(event)
+
+    def _dispatch(self, event: Event) -> None:
+        name = event.name
+        if name == "MEDIA_START":
+            self.format = event.format
+            if not self._media_start.done():
+                self._media_start.set_result(event)
+        elif name == "MARK_PLAYED":
+            self._report(event)
+            self._settle(
+                event.get_str("id"),
+                MarkPlayed(
+                    event.get_str("id"),
+                    event.get_int("played_ms"),
+                    event.get_int("queued_ms"),
+                    event.get_int("seq"),
+                    event.t,
+                ),
+            )
+        elif name == "MEDIA_MARK_PROCESSED":
+            mark_id = event.get_str("correlation_id")
+            if mark_id in self._marks:  # one of ours (the fallback), not the app's own
+                self._settle(mark_id, MarkPlayed(mark_id, None, None, None, event.t))
+        elif name == "MARK_CLEARED":
+            mark_id = event.get_str("id")
+            played = event.get_int("played_ms")
+            self._settle(
+                mark_id,
+                MarkCleared(
+                    mark_id, event.get_str("reason"), played, event.get_int("seq"), event.t
+                ),
+            )
+        elif name == "MEDIA_FLUSHED":
+            flushed = Flushed(
+                event.get_str("reason"),
+                event.get_int("played_ms"),
+                event.get_int("discarded_ms"),
+                event.get_int("cleared_marks"),
+                event.t,
+            )
+            self.position = Position(flushed.played_ms, 0.0, event.t)
+            self._reports += 1
+            while self._flushes:
+                fut = self._flushes.popleft()
+                if not fut.done():
+                    fut.set_result(flushed)
+                    break
+        elif name == "MEDIA_PROGRESS":
+            self._report(event)
+        elif name == "STATUS":
+            self._on_status(event)
+        elif name == "QUEUE_DRAINED":
+            self._drained += 1
+        elif name == "MEDIA_XOFF":
+            self._xoff = True
+        elif name == "MEDIA_XON":
+            self._xoff = False
+        elif name == "ERROR":
+            self._on_error(event)
+
+    def _report(self, event: Event) -> None:
+        self.position = Position(event.get_int("played_ms"), event.get_int("queued_ms"), event.t)
+        self._reports += 1
+
+    def _settle(self, mark_id: str, result: MarkResult) -> None:
+        mark = self._marks.pop(mark_id, None)
+        if mark is not None:
+            mark._resolve(result)
+
+    def _on_status(self, event: Event) -> None:
+        opted = "pending_marks" in event.fields
+        status = Status(
+            event.get_int("queue_length"),
+            event.get_bool("queue_full"),
+            event.get_bool("bulk_media"),
+            event.get_bool("media_paused"),
+            event.get_int("pending_marks") if opted else None,
+            event.get_int("played_ms") if opted else None,
+            event.get_int("queued_ms") if opted else None,
+            event.t,
+            dict(event.fields),
+        )
+        if status.played_ms is not None and status.queued_ms is not None:
+            self.position = Position(status.played_ms, status.queued_ms, event.t)
+            self._reports += 1
+        while self._statuses:
+            fut = self._statuses.popleft()
+            if not fut.done():
+                fut.set_result(status)
+                break
+
+    def _on_error(self, event: Event) -> None:
+        text = str(event.get("error_text", event.raw))
+        error = DriverError(text, event)
+        self.errors.append(error)
+        log.warning("astmarks: Asterisk says: %s", text)
+        # "MARK 'id' ...": the mark was not placed.
+        match = re.match(r"(?:MARK|MARK_MEDIA) '([!-~]{1,64})'", text)
+        if match and match.group(1) in self._marks:
+            self._marks.pop(match.group(1))._fail(error)
+        elif text.startswith("MARK not supported") and self._marks:
+            # Refused for the channel's state (direction in, passthrough): the
+            # newest mark, as commands are answered in order.
+            self._marks.pop(next(reversed(self._marks)))._fail(error)
+        dropped = re.match(r"Media queue full: dropped (\d+) bytes", text)
+        if dropped:
+            self._lost_ms += int(dropped.group(1)) / self._bytes_per_ms()
+
+    # --- starting --------------------------------------------------------------------
+
+    async def started(self, timeout: float | None = None) -> Capabilities:
+        """``MEDIA_START`` and whether the driver has ``MARK`` (asked once).
+
+        Asking sends ``REPORT_PROGRESS 0`` (the opt-in to this project's
+        events, asking for none) and ``GET_STATUS``: a driver with ``MARK``
+        answers with positions. A driver without says nothing of the first
+        and answers the second as always; the session then falls back, and
+        says so once in the log.
+        """
+        if self.capabilities is not None:
+            return self.capabilities
+        event = await self._wait(
+            asyncio.shield(self._media_start), timeout, "MEDIA_START", closing=False
+        )
+        if self._probe is None:
+            self._probe = asyncio.create_task(self._probe_marks(timeout))
+        marks = await asyncio.shield(self._probe)
+        if self.capabilities is None:
+            self.capabilities = Capabilities(
+                channel=str(event.get("channel", "")),
+                channel_id=str(event.get("channel_id", "")),
+                connection_id=str(event.get("connection_id", "")),
+                codec=str(event.get("format", "ulaw")),
+                optimal_frame_size=event.get_int("optimal_frame_size")
+                if "optimal_frame_size" in event.fields
+                else 160,
+                ptime=event.get_int("ptime") if "ptime" in event.fields else 20,
+                control_format=event.format,
+                marks=marks,
+                fields=dict(event.fields),
+            )
+            if not marks:
+                log.warning(
+                    "astmarks: this Asterisk's chan_websocket has no MARK: marks fall back "
+                    "to MARK_MEDIA (acknowledged one ptime late, without positions) and "
+                    "positions to a clock"
+                )
+        return self.capabilities
+
+    async def _probe_marks(self, timeout: float | None) -> bool:
+        await self.command("REPORT_PROGRESS", 0)
+        status = await self.status(timeout)
+        return status.pending_marks is not None
+
+    @property
+    def marks(self) -> bool:
+        """The driver has MARK (known once :meth:`started` returned)."""
+        return self.capabilities is not None and self.capabilities.marks
+
+    def _need_started(self) -> Capabilities:
+        if self.capabilities is None:
+            raise RuntimeError("await session.started() first")
+        return self.capabilities
+
+    # --- sending ---------------------------------------------------------------------
+
+    async def command(self, name: str, argument: str | int | None = None, **extra: Any) -> None:
+        """Send any command, in the connection's control format (no answer awaited)."""
+        await self._send(format_command(self.format, name, argument, **extra))
+
+    async def _send(self, message: str | bytes) -> None:
+        if self.closed.is_set():
+            raise SessionClosed(f"the call ended (code {self.close_code})")
+        try:
+            await self.connection.send(message)
+        except Exception as exc:
+            raise SessionClosed(f"the call ended while sending: {exc}") from exc
+
+    async def send_audio(self, data: bytes, timeout: float | None = None) -> None:
+        """Send media (one binary message). While Asterisk says its queue is
+        nearly full (``MEDIA_XOFF``), wait for ``MEDIA_XON`` first."""
+        if self._xoff and self.flow_control:
+            await self._wait(self._until(lambda: not self._xoff), timeout, "MEDIA_XON")
+        await self._send(data)
+        self.bytes_sent += len(data)
+        now = time.time()
+        ms = len(data) / self._bytes_per_ms()
+        self._play_end = max(self._play_end, now) + ms / 1000
+
+    def _bytes_per_ms(self) -> float:
+        return self.capabilities.bytes_per_ms if self.capabilities is not None else 8.0
+
+    async def _until(self, condition: Callable[[], bool]) -> None:
+        async with self._changed:
+            await self._changed.wait_for(condition)
+
+    async def mark(self, mark_id: str | None = None) -> Mark:
+        """Place a mark after the media sent so far; await the :class:`Mark`
+        for its result. *mark_id*: 1 to 64 visible ASCII characters (one is
+        made up if not given); ValueError if it is not one, or is pending."""
+        caps = self._need_started()
+        if mark_id is None:
+            mark_id = f"astm-{next(self._ids)}"
+        if not MARK_ID.fullmatch(mark_id):
+            raise ValueError(f"a mark id is 1 to 64 visible ASCII characters: {mark_id!r}")
+        if mark_id in self._marks:
+            raise ValueError(f"mark {mark_id!r} is already pending")
+        mark = Mark(self, mark_id, self.bytes_sent)
+        self._marks[mark_id] = mark
+        try:
+            await self.command("MARK" if caps.marks else "MARK_MEDIA", mark_id)
+        except SessionClosed as exc:
+            self._marks.pop(mark_id, None)
+            mark._fail(exc)
+            raise
+        return mark
+
+    @property
+    def pending_marks(self) -> list[Mark]:
+        """Marks placed and not yet answered, oldest first."""
+        return list(self._marks.values())
+
+    async def flush(self, timeout: float | None = None) -> Flushed:
+        """Discard the queued media and pending marks (barge-in): what was played.
+
+        On this project's driver, ``MEDIA_FLUSHED`` tells exactly; pending
+        marks get ``MARK_CLEARED`` first. Without it, the clock estimates and
+        pending marks are cleared by the session (``inferred``).
+        """
+        caps = self._need_started()
+        now = time.time()
+        played = self.clock_played_ms(now)
+        discarded = max(0.0, self._play_end - now) * 1000
+        if not caps.marks:
+            await self.command("FLUSH_MEDIA")
+            self._clock_flushed(discarded)
+            for mark in list(self._marks.values()):
+                self._settle(
+                    mark.mark_id, MarkCleared(mark.mark_id, "flush", None, None, now, True)
+                )
+            flushed = Flushed("flush", played, discarded, 0, now, estimated=True)
+            self.position = Position(played, 0.0, now, estimated=True)
+            return flushed
+        fut: asyncio.Future[Flushed] = asyncio.get_running_loop().create_future()
+        self._flushes.append(fut)
+        await self.command("FLUSH_MEDIA")
+        self._clock_flushed(discarded)
+        return await self._wait(fut, timeout, "MEDIA_FLUSHED")
+
+    def _clock_flushed(self, discarded_ms: float) -> None:
+        self._lost_ms += discarded_ms
+        self._play_end = 0.0
+
+    async def status(self, timeout: float | None = None) -> Status:
+        """``GET_STATUS``, and the ``STATUS`` that answers it."""
+        fut: asyncio.Future[Status] = asyncio.get_running_loop().create_future()
+        self._statuses.append(fut)
+        await self.command("GET_STATUS")
+        return await self._wait(fut, timeout, "STATUS")
+
+    async def round_trip(self, timeout: float | None = None) -> float:
+        """Seconds from sending ``GET_STATUS`` to reading its ``STATUS``."""
+        sent = time.time()
+        status = await self.status(timeout)
+        return max(0.0, status.t - sent)
+
+    async def report_progress(self, interval_ms: int) -> None:
+        """Ask for ``MEDIA_PROGRESS`` every *interval_ms* of media played (0: stop).
+        ValueError outside 0 or 20..60000; RuntimeError on a driver without MARK."""
+        if interval_ms != 0 and not 20 <= interval_ms <= 60000:
+            raise ValueError(f"interval_ms is 0 (off) or 20 to 60000: {interval_ms}")
+        if not self._need_started().marks:
+            raise RuntimeError("this Asterisk's chan_websocket has no REPORT_PROGRESS")
+        await self.command("REPORT_PROGRESS", interval_ms)
+
+    async def next_position(self, timeout: float | None = None) -> Position:
+        """The next position Asterisk reports (a mark played, progress, a flush)."""
+        seen = self._reports
+        await self._wait(self._until(lambda: self._reports > seen), timeout, "position report")
+        assert self.position is not None
+        return self.position
+
+    async def queue_drained(self, timeout: float | None = None) -> None:
+        """``REPORT_QUEUE_DRAINED``, and its ``QUEUE_DRAINED`` (the queue ran dry)."""
+        seen = self._drained
+        await self.command("REPORT_QUEUE_DRAINED")
+        await self._wait(self._until(lambda: self._drained > seen), timeout, "QUEUE_DRAINED")
+
+    # --- the caller's audio, and the clock -------------------------------------------
+
+    async def audio(self) -> AsyncIterator[bytes]:
+        """The caller's audio, message by message, until the call ends."""
+        while True:
+            while self._audio:
+                yield self._audio.popleft()
+            if self.closed.is_set():
+                return
+            await self._until(lambda: bool(self._audio) or self.closed.is_set())
+
+    def clock_played_ms(self, now: float | None = None) -> float:
+        """Media played since the call started, by the clock alone (ms): what a
+        bot without marks knows. It assumes playing starts as the media is sent."""
+        now = time.time() if now is None else now
+        sent_ms = self.bytes_sent / self._bytes_per_ms() - self._lost_ms
+        return max(0.0, sent_ms - max(0.0, self._play_end - now) * 1000)
+
+    def played_ms(self, now: float | None = None) -> float:
+        """Media played since the call started, now (ms): the newest report moved
+        on by the time since (at most what was queued then); the clock without
+        reports."""
+        now = time.time() if now is None else now
+        pos = self.position
+        if pos is None or pos.estimated or not self.marks:
+            return self.clock_played_ms(now)
+        return pos.played_ms + min(pos.queued_ms, max(0.0, now - pos.t) * 1000)
