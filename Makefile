@@ -9,7 +9,7 @@ PYTEST_ARGS ?=
 
 .PHONY: all setup asterisk asterisk-upstream asterisk-master check-patches devcheck demo test \
 	unit lint test-asan fuzz soak upstream-testsuite bench clean distclean help docker-check docker-engine \
-	docker-base docker-build docker-test docker-up
+	docker-base docker-build docker-test docker-up dist docs
 
 all: help
 
@@ -39,6 +39,8 @@ help:
 	@echo "                      pacing, barge-in, topologies, the bot across a shaped link,"
 	@echo "                      a 10-minute response, a loaded Asterisk, instructions"
 	@echo "                      (BENCH_ARGS='--only link': one part; --quick: the short one)"
+	@echo "make dist             the wheel and sdist of astmarks into dist/, checked (twine)"
+	@echo "make docs             the API reference of the astmarks library into build/docs/"
 	@echo "make docker-check     lint docker/Dockerfile and validate the compose files (no engine)"
 	@echo "make docker-base      Debian base images: pulled, or built with debootstrap offline"
 	@echo "make docker-build     build the images (asterisk, harness)"
@@ -47,6 +49,21 @@ help:
 
 setup:
 	@scripts/setup.sh
+
+# The distribution a bot author installs: astmarks needs only websockets; the
+# rig and the benchmark come with the [rig] and [bench] extras.
+dist: setup
+	@rm -rf dist
+	@$(PY) -m build --outdir dist . >build-dist.log 2>&1 || { tail -n 30 build-dist.log; exit 1; }
+	@rm -f build-dist.log
+	@$(VENV)/bin/twine check --strict dist/*
+	@ls dist
+
+# The API reference, from the docstrings; any warning fails it.
+docs: setup
+	@rm -rf build/docs
+	@$(PY) -W error -m pdoc --docformat restructuredtext -o build/docs astmarks
+	@echo "the API reference: build/docs/astmarks.html"
 
 asterisk: setup
 	@$(BUILD) build
@@ -88,8 +105,8 @@ demo: asterisk
 	@$(PY) -m harness demo --topology $(TOPOLOGY)
 
 lint: setup
-	@$(VENV)/bin/ruff check astmarks harness tests
-	@$(VENV)/bin/ruff format --check astmarks harness tests
+	@$(VENV)/bin/ruff check astmarks harness tests examples
+	@$(VENV)/bin/ruff format --check astmarks harness tests examples
 	@$(VENV)/bin/mypy
 
 unit: setup

@@ -7,10 +7,16 @@ much the caller heard, and reads the caller's audio. :class:`Pacer` streams a
 response from a TTS engine, keeping a little audio queued in Asterisk, paced
 by the marks.
 
+Modules: :mod:`astmarks.session` (the session and what it returns),
+:mod:`astmarks.pacer` (pacing a streamed response), :mod:`astmarks.protocol`
+(parsing events, formatting commands).
+
 The protocol itself (events and commands, plain-text and JSON) is in
 :mod:`astmarks.protocol`. The only dependency is ``websockets``.
 """
 
+from astmarks import pacer, protocol, session
+from astmarks.pacer import Pacer, PacingResult
 from astmarks.protocol import ControlFormat, Event, ProtocolError, format_command, parse_event
 from astmarks.session import (
     Capabilities,
@@ -43,10 +49,15 @@ __all__ = [
     "MediaSession",
     "MediaSessionError",
     "MediaTimeout",
+    "Pacer",
+    "PacingResult",
     "Position",
     "ProtocolError",
     "SessionClosed",
     "Status",
     "format_command",
+    "pacer",
     "parse_event",
+    "protocol",
+    "session",
 ]

@@ -92,6 +92,8 @@ class PacingResult:
     fallback: bool = False  # MARK was not available
     #: The mark after each chunk (marks strategy, or MARK_MEDIA on fallback).
     marks: list[Mark] = field(default_factory=list)
+    #: The mark before the response (marks strategy): its position is where it starts.
+    start: Mark | None = None
 
     @property
     def sent_bytes(self) -> int:
@@ -146,6 +148,10 @@ class Pacer:
         # The time of the newest report the estimate is anchored on.
         self._anchored = 0.0
         self._caps: Capabilities | None = None
+        # Set while play() runs.
+        self._sending = asyncio.Event()
+        self._sent = asyncio.Event()
+        self._sent.set()
 
     # --- the queue estimate ----------------------------------------------------------
 
@@ -256,6 +262,17 @@ class Pacer:
         Call :meth:`barge_in` from another task to interrupt. The result's
         :meth:`PacingResult.played` waits until it has been played.
         """
+        if self._sending.is_set():
+            raise RuntimeError("this pacer is already playing a response")
+        self._sending.set()
+        self._sent.clear()
+        try:
+            return await self._play(chunks)
+        finally:
+            self._sending.clear()
+            self._sent.set()
+
+    async def _play(self, chunks: AsyncIterable[bytes]) -> PacingResult:
         self._caps = await self.session.started()
         if self.strategy is Strategy.MARKS and not self._caps.marks:
             self.fallback = True
@@ -267,6 +284,7 @@ class Pacer:
         if self._by_marks():
             # Its MARK_PLAYED gives the exact position where the response starts.
             start = await self.session.mark(f"{prefix}-start")
+            result.start = start
         iterator = aiter(chunks)
         offset = self.session.bytes_sent
         drained: asyncio.Future[None] | None = None
@@ -398,8 +416,37 @@ class Pacer:
         return max(0.0, sent_ms - self.queued_ms())
 
     def barge_in(self) -> None:
-        """Interrupt the response: stop sending, flush, and work out what was heard."""
-        self._barge_in.set()
+        """Interrupt the response: stop sending, flush, and work out what was heard.
+
+        :meth:`play` then returns the result, with ``heard_ms``. Only while
+        :meth:`play` runs; :meth:`interrupt` also stops a response that has
+        been sent in full and is still playing.
+        """
+        if self._sending.is_set():
+            self._barge_in.set()
+
+    async def interrupt(self) -> PacingResult | None:
+        """Barge-in, wherever the last response is: still being sent (as
+        :meth:`barge_in`, waiting for :meth:`play` to return) or sent in full
+        and still playing (the pacer keeps a little queued). Returns its
+        result, with ``heard_ms``; None if it had been played in full (or
+        there was none).
+        """
+        result = self._current
+        if result is None:
+            return None
+        if self._sending.is_set():
+            self._barge_in.set()
+            await self._sent.wait()
+            return result
+        if result.interrupted:
+            return result
+        # Without marks (the clock strategy), the clock's estimate.
+        playing = not result.marks[-1].done() if result.marks else self._wall_end > time.time()
+        if not playing:
+            return None
+        await self._flush(result, result.start)
+        return result
 
     async def _flush(self, result: PacingResult, start: Mark | None) -> None:
         result.interrupted = True

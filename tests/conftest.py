@@ -220,3 +220,30 @@ def _debug_logging() -> Iterator[None]:
     if os.environ.get("HARNESS_DEBUG"):
         logging.getLogger("harness").setLevel(logging.DEBUG)
     yield
+
+
+@pytest.fixture(scope="session")
+def client_venv(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A fresh virtualenv with the astmarks wheel installed alone, as a bot
+    author installs it: its ``bin/python``. The wheel is built from this
+    checkout (pip fetches websockets from PyPI)."""
+    import subprocess
+    import sys
+
+    tmp = tmp_path_factory.mktemp("client")
+
+    def run(*args: str | Path) -> str:
+        done = subprocess.run(
+            [str(a) for a in args], capture_output=True, text=True, check=False, timeout=600
+        )
+        if done.returncode != 0:
+            pytest.fail(f"{' '.join(map(str, args))} failed:\n{done.stdout}\n{done.stderr}")
+        return done.stdout
+
+    run(sys.executable, "-m", "build", "--wheel", "--outdir", tmp / "dist", ROOT)
+    wheels = list((tmp / "dist").glob("astmarks-*.whl"))
+    assert len(wheels) == 1, wheels
+    run(sys.executable, "-m", "venv", tmp / "venv")
+    python = tmp / "venv" / "bin" / "python"
+    run(python, "-m", "pip", "install", "-q", "--disable-pip-version-check", wheels[0])
+    return python

@@ -1,0 +1,236 @@
+"""The client library (astmarks) on real calls, as a bot author uses it.
+
+The bot here is a plain ``websockets`` server whose handler wraps each
+connection in :class:`astmarks.MediaSession`, nothing of the rig's; Asterisk
+dials it, a real SIP phone is the caller, and what the library says is held
+against the RTP the caller got.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from websockets.asyncio.server import Server, ServerConnection, serve
+
+from astmarks import (
+    DriverError,
+    MarkCleared,
+    MarkPlayed,
+    MediaSession,
+    MediaTimeout,
+    SessionClosed,
+)
+from astmarks.protocol import ControlFormat
+from harness import audio
+from harness.caller import SipPhone
+from harness.capture import RtpPacket
+from harness.ports import LOOPBACK
+from harness.timing import units
+from tests.conftest import report
+from tests.integration.ownbot import asterisk_for, call
+
+pytestmark = pytest.mark.integration
+
+
+class OwnBot:
+    """A bot server of the test's own: each connection becomes a MediaSession
+    the test drives; the handler holds it open until the call ends."""
+
+    def __init__(self) -> None:
+        self.sessions: asyncio.Queue[MediaSession] = asyncio.Queue()
+        self._server: Server | None = None
+
+    @property
+    def uri(self) -> str:
+        assert self._server is not None
+        port = next(iter(self._server.sockets)).getsockname()[1]
+        return f"ws://{LOOPBACK}:{port}/media"
+
+    async def _handler(self, connection: ServerConnection) -> None:
+        async with MediaSession(connection, timeout=units(10)) as session:
+            await self.sessions.put(session)
+            await session.closed.wait()
+
+    async def __aenter__(self) -> OwnBot:
+        self._server = await serve(
+            self._handler,
+            LOOPBACK,
+            0,
+            subprotocols=["media"],  # type: ignore[list-item]
+            max_size=None,
+            ping_interval=None,
+        )
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._server is not None
+        self._server.close()
+        await self._server.wait_closed()
+
+    async def session(self) -> MediaSession:
+        return await asyncio.wait_for(self.sessions.get(), units(10))
+
+
+@pytest.fixture
+async def own_bot() -> AsyncIterator[OwnBot]:
+    async with OwnBot() as bot:
+        yield bot
+
+
+def frames_heard(packets: list[RtpPacket], first: int, last: int) -> int:
+    """How many of the tagged frames *first*..*last* reached the caller."""
+    found = {audio.frame_index(p.payload) for p in packets}
+    return sum(1 for i in range(first, last + 1) if i in found)
+
+
+def departure(packets: list[RtpPacket], index: int) -> float:
+    return next(p.t for p in packets if audio.frame_index(p.payload) == index)
+
+
+async def test_marks_positions_and_flush_match_the_rtp(
+    install: Path,
+    phone: SipPhone,
+    capture_ok: None,
+    own_bot: OwnBot,
+    fmt: ControlFormat,
+) -> None:
+    async with (
+        asterisk_for(install, own_bot.uri, "library") as asterisk,
+        call(asterisk, phone, f"c(ulaw){fmt.dial_option}") as live,
+    ):
+        s = await own_bot.session()
+        caps = await s.started()
+        assert caps.marks and caps.control_format is fmt
+        assert (caps.codec, caps.optimal_frame_size, caps.ptime) == ("ulaw", 160, 20)
+        marks = []
+        for i in range(5):
+            await s.send_audio(audio.tagged_frames(i * 5, 5))
+            marks.append(await s.mark(f"m{i}"))
+        played = [await m for m in marks]
+        # Barge-in: 2 s queued behind a mark, flushed half a second in.
+        await s.send_audio(audio.tagged_frames(100, 100))
+        behind = await s.mark("behind")
+        await asyncio.sleep(0.5)
+        flushed = await s.flush()
+        cleared = await behind
+        status = await s.status()
+        await asyncio.sleep(0.2)
+    assert all(isinstance(r, MarkPlayed) for r in played)
+    assert [r.played_ms for r in played] == [100, 200, 300, 400, 500]
+    errors = [
+        (r.t - departure(live.packets, i * 5 + 4)) * 1000
+        for i, r in enumerate(played)
+        if isinstance(r, MarkPlayed)
+    ]
+    report(f"library: MarkPlayed - RTP of its frame ({fmt.value})", [f"{e:+.2f}" for e in errors])
+    assert all(abs(e) < 15 for e in errors), errors
+    assert isinstance(cleared, MarkCleared) and cleared.reason == "flush"
+    heard_ms = flushed.played_ms - 500
+    on_rtp = frames_heard(live.packets, 100, 199) * audio.FRAME_MS
+    report(f"library: flush heard ({fmt.value})", f"{heard_ms:.0f} ms, RTP {on_rtp} ms")
+    assert heard_ms == on_rtp, "MEDIA_FLUSHED's position is the RTP's, to the frame"
+    assert heard_ms + flushed.discarded_ms == 2000
+    assert not flushed.estimated and flushed.cleared_marks == 1
+    assert status.pending_marks == 0 and status.queued_ms == 0
+
+
+async def test_bad_input_timeouts_progress_and_hangup(
+    install: Path, phone: SipPhone, capture_ok: None, own_bot: OwnBot
+) -> None:
+    async with (
+        asterisk_for(install, own_bot.uri, "library") as asterisk,
+        call(asterisk, phone) as live,
+    ):
+        s = await own_bot.session()
+        await s.started()
+        # Refused before anything is sent: the driver would refuse them too.
+        for bad in ("has space", "x" * 65, "", "é"):
+            with pytest.raises(ValueError, match="visible ASCII"):
+                await s.mark(bad)
+        with pytest.raises(ValueError, match="interval_ms"):
+            await s.report_progress(5)
+        # A timeout leaves the mark pending; its result still comes.
+        await s.report_progress(100)
+        await s.send_audio(audio.tagged_frames(0, 25))
+        mark = await s.mark("half-second")
+        with pytest.raises(MediaTimeout):
+            await mark.result(timeout=0.05)
+        first = await s.next_position()
+        played = await mark
+        assert isinstance(played, MarkPlayed) and played.played_ms == 500
+        assert 0 < first.played_ms <= 500
+        # Hang-up with a mark pending: cleared with the reason, then closed.
+        await s.send_audio(audio.tagged_frames(100, 100))
+        pending = await s.mark("pending")
+        await s.command("HANGUP")
+        cleared = await pending
+        await s.wait_closed()
+        with pytest.raises(SessionClosed):
+            await s.status()
+        with pytest.raises(SessionClosed):
+            await s.mark("after")
+        await live.sip.wait_disconnected()
+    assert isinstance(cleared, MarkCleared) and cleared.reason == "hangup"
+    assert s.errors == [], "nothing invalid reached Asterisk"
+
+
+async def test_a_refused_mark_raises_the_drivers_error(
+    install: Path, phone: SipPhone, capture_ok: None, own_bot: OwnBot
+) -> None:
+    async with (
+        asterisk_for(install, own_bot.uri, "library") as asterisk,
+        call(asterisk, phone, "c(ulaw)f(json)"),
+    ):
+        s = await own_bot.session()
+        await s.started()
+        await s.command("SET_MEDIA_DIRECTION", direction="in")
+        refused = await s.mark("while-in")
+        with pytest.raises(DriverError, match="direction is 'in'"):
+            await refused
+        await s.command("SET_MEDIA_DIRECTION", direction="both")
+        await s.send_audio(audio.tagged_frames(0, 5))
+        assert isinstance(await (await s.mark("after")), MarkPlayed)
+    assert len(s.errors) == 1
+
+
+async def test_on_upstream_it_falls_back_and_says_so_once(
+    upstream_install: Path,
+    phone: SipPhone,
+    capture_ok: None,
+    own_bot: OwnBot,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    with caplog.at_level(logging.WARNING, logger="astmarks"):
+        async with (
+            asterisk_for(upstream_install, own_bot.uri, "upstream") as asterisk,
+            call(asterisk, phone) as live,
+        ):
+            s = await own_bot.session()
+            caps = await s.started()
+            assert not caps.marks and caps.codec == "ulaw"
+            await s.started()  # asked once
+            await s.send_audio(audio.tagged_frames(0, 10))
+            played = await (await s.mark("fallback"))
+            with pytest.raises(RuntimeError, match="no REPORT_PROGRESS"):
+                await s.report_progress(100)
+            await s.send_audio(audio.tagged_frames(100, 100))
+            pending = await s.mark("pending")
+            await asyncio.sleep(0.5)
+            flushed = await s.flush()
+            cleared = await pending
+            await asyncio.sleep(0.2)
+    assert caplog.text.count("has no MARK") == 1
+    assert isinstance(played, MarkPlayed) and played.played_ms is None
+    late = (played.t - departure(live.packets, 9)) * 1000
+    report("library on upstream: MARK_MEDIA's answer - RTP of its frame", f"{late:+.1f} ms")
+    assert 10 < late < 60, "upstream answers a ptime late"
+    assert isinstance(cleared, MarkCleared) and cleared.inferred and cleared.reason == "flush"
+    heard = flushed.played_ms - 200
+    on_rtp = frames_heard(live.packets, 100, 199) * audio.FRAME_MS
+    report("library on upstream: clock heard vs RTP", f"{heard:.0f} ms vs {on_rtp} ms")
+    assert flushed.estimated
+    assert abs(heard - on_rtp) < 100, "the clock is about right on an idle loopback"
