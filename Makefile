@@ -205,14 +205,16 @@ docker-build: setup docker-base
 # The integration tests and the compose-only tests (ARI, faults through the
 # engine) inside compose, then, on this host, what the README tells a person
 # to do (compose up, a call from a SIP phone here). Logs in logs/. The
-# topology tests start Asterisks of their own on the runner: make test runs
-# them on both builds, and here they would add minutes for no new service.
+# topology, library and example tests start Asterisks of their own on the
+# runner: make test runs them on both builds, and here they would add
+# minutes for no new service.
 docker-test: docker-check docker-build
 	@mkdir -p logs; rc=0; \
 	$(COMPOSE_TEST) --profile test down --volumes --remove-orphans >/dev/null 2>&1; \
 	echo "docker-test $$(date -u +%T): the tests inside compose (tests/integration, tests/compose)"; \
 	$(COMPOSE_TEST) run --rm --use-aliases tests python -m pytest -p no:cacheprovider \
 		tests/integration tests/compose --ignore=tests/integration/test_topologies.py \
+		--ignore=tests/integration/test_library.py --ignore=tests/integration/test_examples.py \
 		$(PYTEST_ARGS) || rc=$$?; \
 	$(COMPOSE_TEST) --profile test logs --no-color --timestamps asterisk bot \
 		> logs/docker-test-services.log 2>&1; \

@@ -568,6 +568,16 @@ class MediaSession:
         except Exception as exc:
             raise SessionClosed(f"the call ended while sending: {exc}") from exc
 
+    async def answer(self) -> None:
+        """``ANSWER``: answer the channel (dialled with the ``n`` option)."""
+        await self.command("ANSWER")
+
+    async def hangup(self, timeout: float | None = None) -> None:
+        """``HANGUP``, and wait for the call to end. Pending marks are cleared
+        first (``MarkCleared`` with reason ``hangup``) on this project's driver."""
+        await self.command("HANGUP")
+        await self.wait_closed(timeout)
+
     async def send_audio(self, data: bytes, timeout: float | None = None) -> None:
         """Send media (one binary message). While Asterisk says its queue is
         nearly full (``MEDIA_XOFF``), wait for ``MEDIA_XON`` first."""

@@ -137,7 +137,7 @@ async def bridge(session: MediaSession, model: Model, *, answers: int = 2) -> No
             if given >= answers:
                 break
         print("hanging up", flush=True)
-        await session.command("HANGUP")
+        await session.hangup()
     finally:
         for task in tasks:
             task.cancel()
@@ -335,7 +335,6 @@ async def main(args: argparse.Namespace) -> int:
         async with MediaSession(connection) as session:
             try:
                 await bridge(session, StandInModel(args.answer_s), answers=args.answers)
-                await session.wait_closed(timeout=10)
             except (MediaSessionError, ValueError) as exc:
                 print(f"the call ended: {exc}", flush=True)
         if args.once:

@@ -90,7 +90,7 @@ async def stream(session: MediaSession, pcm: bytes, rate: int, args: argparse.Na
     while queued:
         await report(*queued.popleft())
     print(f"call {caps.channel}: all {len(starts)} chunks played; hanging up", flush=True)
-    await session.command("HANGUP")
+    await session.hangup()
 
 
 async def report(index: int, sent: float, mark: Mark) -> None:
@@ -120,7 +120,6 @@ async def main(args: argparse.Namespace) -> int:
         async with MediaSession(connection) as session:
             try:
                 await stream(session, pcm, rate, args)
-                await session.wait_closed(timeout=10)
             except (MediaSessionError, ValueError) as exc:
                 print(f"the call ended: {exc}", flush=True)
         if args.once:

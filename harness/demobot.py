@@ -128,8 +128,7 @@ class DemoBot(Service):
         speech = await asyncio.to_thread(audio.render_prompt, reply)
         await (await Pacer(session).play(tts.speak(speech.ulaw))).played(timeout=30.0)
         log.info("call %d: hanging up", call)
-        await session.command("HANGUP")
-        await session.wait_closed()
+        await session.hangup()
 
 
 async def _caller_talks(session: MediaSession) -> None:
