@@ -232,13 +232,17 @@ class MediaSession:
         audio_buffer: int = 500,
         on_event: Callable[[Event], None] | None = None,
         flow_control: bool = True,
+        name: str | None = None,
     ) -> None:
         """*timeout*: the default of every await (s). *audio_buffer*: how many of
         the caller's audio messages :meth:`audio` keeps unread (the oldest go
         first). *on_event*: called with every event, as it is read.
         *flow_control*: :meth:`send_audio` waits while Asterisk's queue is
-        nearly full (``MEDIA_XOFF`` to ``MEDIA_XON``)."""
+        nearly full (``MEDIA_XOFF`` to ``MEDIA_XON``). *name*: the session's
+        name in the log (debug: every command and event), by default the
+        start of the connection's id."""
         self.connection = connection
+        self.name = name or connection.id.hex[:8]
         self.timeout = timeout
         self.flow_control = flow_control
         self.on_event = on_event
@@ -375,6 +379,7 @@ class MediaSession:
         self._audio.append(data)
 
     def _on_text(self, text: str) -> None:
+        log.debug("session %s: <- %s", self.name, text)
         try:
             event = parse_event(text, t=time.time(), mono=time.monotonic())
         except ProtocolError as exc:
@@ -561,6 +566,8 @@ class MediaSession:
         await self._send(format_command(self.format, name, argument, **extra))
 
     async def _send(self, message: str | bytes) -> None:
+        if isinstance(message, str):
+            log.debug("session %s: -> %s", self.name, message)
         if self.closed.is_set():
             raise SessionClosed(f"the call ended (code {self.close_code})")
         try:

@@ -60,13 +60,15 @@ class BotSession(MediaSession):
 
     def __init__(self, connection: Connection, tag: str | None = None) -> None:
         """*tag*: the call's tag, where the URI has none (a bot that connected in)."""
-        super().__init__(connection, timeout=units(10), flow_control=False)
         request = connection.request
         path = request.path if request is not None else "/"
         self.path = path
         self.params: dict[str, str] = {k: v[-1] for k, v in parse_qs(urlsplit(path).query).items()}
         if tag is not None:
             self.params["call"] = tag
+        super().__init__(
+            connection, timeout=units(10), flow_control=False, name=self.params.get("call")
+        )
         self.events: list[Event] = []
         #: Every TEXT message as it arrived, parsed or not.
         self.texts: list[str] = []
@@ -104,7 +106,7 @@ class BotSession(MediaSession):
             mono=mono,
             index=len(self.events),
         )
-        log.debug("bot %s: <- %s", self.tag, text)
+        log.debug("session %s: <- %s", self.name, text)
         self.events.append(event)
         self._handle(event)
 
@@ -194,12 +196,12 @@ class BotSession(MediaSession):
 
     async def send_text(self, text: str) -> None:
         """Send one raw TEXT message (for commands the helpers do not cover)."""
-        log.debug("bot %s: -> %s", self.tag, text)
+        log.debug("session %s: -> %s", self.name, text)
         await self.connection.send(text)
 
     async def send_raw_text(self, data: bytes) -> None:
         """Send *data* as a TEXT message as it is, valid UTF-8 or not (as a broken bot might)."""
-        log.debug("bot %s: -> %r (raw)", self.tag, data)
+        log.debug("session %s: -> %r (raw)", self.name, data)
         await self.connection.send(data, text=True)
 
     async def get_status(self, timeout: float | None = None) -> Event:

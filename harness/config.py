@@ -212,6 +212,9 @@ documentation_language = en_US
     files["logger.conf"] = f"""\
 [general]
 dateformat = %F %T.%3q
+; Tests read the log: a burst of debug lines (a flooding bot with debug on)
+; must not make the logger drop messages on a busy machine (default 1000).
+logger_queue_limit = 100000
 
 [logfiles]
 messages.log => notice,warning,error,verbose,debug

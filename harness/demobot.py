@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
+from urllib.parse import parse_qs, urlsplit
 
 from websockets.asyncio.server import Server, ServerConnection, serve
 
@@ -94,7 +95,11 @@ class DemoBot(Service):
             if event.name in PLAYBACK_EVENTS:
                 log.info("call %d: %s", call, event.raw)
 
-        async with MediaSession(connection, on_event=follow) as session:
+        # The call's tag (the harness's v(call=...) dial option), to name the
+        # session in the log.
+        tag = parse_qs(urlsplit(connection.request.path if connection.request else "").query)
+        name = tag.get("call", [f"call-{call}"])[-1]
+        async with MediaSession(connection, on_event=follow, name=name) as session:
             try:
                 await self._converse(call, session)
             except MediaSessionError as exc:

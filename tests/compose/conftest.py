@@ -32,8 +32,8 @@ from harness.timing import poll
 from tests.conftest import SERVICES, need
 
 #: What the demo bot's debug log says for a command it sent / an event it got.
-_SENT = re.compile(r"bot (?P<tag>\S+): -> (?P<text>.*)$")
-_GOT = re.compile(r"bot (?P<tag>\S+): <- (?P<text>.*)$")
+_SENT = re.compile(r"session (?P<tag>\S+): -> (?P<text>.*)$")
+_GOT = re.compile(r"session (?P<tag>\S+): <- (?P<text>.*)$")
 
 
 @pytest.fixture(scope="session")
