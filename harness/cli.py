@@ -75,9 +75,10 @@ def setup_logging(command: str) -> Path:
     root.setLevel(logging.INFO)
     root.addHandler(handler)
     if os.environ.get("HARNESS_DEBUG"):
-        # The harness's own detail (every command and event), not the
-        # libraries' (websockets logs every frame at debug level).
-        logging.getLogger("harness").setLevel(logging.DEBUG)
+        # The harness's and the client library's own detail (every command
+        # and event), not websockets' (every frame at debug level).
+        for name in ("harness", "astmarks"):
+            logging.getLogger(name).setLevel(logging.DEBUG)
     return logdir
 
 

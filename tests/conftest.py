@@ -218,7 +218,8 @@ async def local_rig(
 @pytest.fixture(autouse=True)
 def _debug_logging() -> Iterator[None]:
     if os.environ.get("HARNESS_DEBUG"):
-        logging.getLogger("harness").setLevel(logging.DEBUG)
+        for name in ("harness", "astmarks"):
+            logging.getLogger(name).setLevel(logging.DEBUG)
     yield
 
 
