@@ -30,11 +30,12 @@ import asyncio
 import collections
 import contextlib
 import enum
+import inspect
 import itertools
 import logging
 import statistics
 import time
-from collections.abc import AsyncIterable, AsyncIterator, Awaitable
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -100,7 +101,9 @@ class PacingResult:
         return sum(c.size for c in self.chunks if c.sent is not None)
 
     async def played(self, timeout: float | None = None) -> MarkResult | None:
-        """Until the response has played: its last mark's result (None: no marks)."""
+        """Until the response has played: its last mark's result. None at once
+        for a response without marks (the clock and drained strategies, or
+        an empty response)."""
         if not self.marks:
             return None
         return await self.marks[-1].result(timeout)
@@ -152,6 +155,7 @@ class Pacer:
         self._sending = asyncio.Event()
         self._sent = asyncio.Event()
         self._sent.set()
+        self._coro: Coroutine[Any, Any, PacingResult] | None = None
 
     # --- the queue estimate ----------------------------------------------------------
 
@@ -256,28 +260,41 @@ class Pacer:
 
     # --- streaming ----------------------------------------------------------------
 
-    async def play(self, chunks: AsyncIterable[bytes]) -> PacingResult:
-        """Send a response as it is generated; return when sent in full or interrupted.
+    def play(self, chunks: AsyncIterable[bytes]) -> Coroutine[Any, Any, PacingResult]:
+        """Send a response as it is generated; await it: it returns when the
+        response has been sent in full or interrupted.
 
-        Call :meth:`barge_in` from another task to interrupt. The result's
-        :meth:`PacingResult.played` waits until it has been played.
+        The response is this pacer's current one from the call on, so
+        :meth:`interrupt` or :meth:`barge_in` right after
+        ``asyncio.create_task(pacer.play(...))`` stop this response, not the
+        one before. The result's :meth:`PacingResult.played` waits until it
+        has been played.
         """
-        if self._sending.is_set():
+        coro = self._coro
+        if self._sending.is_set() and (
+            coro is None or inspect.getcoroutinestate(coro) != inspect.CORO_CLOSED
+        ):
             raise RuntimeError("this pacer is already playing a response")
         self._sending.set()
         self._sent.clear()
+        self._barge_in = asyncio.Event()  # this response's
+        result = PacingResult(self.strategy, start_offset=self.session.bytes_sent)
+        self._current = result
+        self._coro = self._run(result, chunks)
+        return self._coro
+
+    async def _run(self, result: PacingResult, chunks: AsyncIterable[bytes]) -> PacingResult:
         try:
-            return await self._play(chunks)
+            await self._play(result, chunks)
+            return result
         finally:
             self._sending.clear()
             self._sent.set()
 
-    async def _play(self, chunks: AsyncIterable[bytes]) -> PacingResult:
+    async def _play(self, result: PacingResult, chunks: AsyncIterable[bytes]) -> None:
         self._caps = await self.session.started()
         if self.strategy is Strategy.MARKS and not self._caps.marks:
             self.fallback = True
-        result = PacingResult(self.strategy, start_offset=self.session.bytes_sent)
-        self._current = result
         result.fallback = self.fallback
         prefix = f"r{next(_responses)}"
         start: Mark | None = None
@@ -328,7 +345,6 @@ class Pacer:
             await self._flush(result, start)
         else:
             await self._end_on_a_whole_frame()
-        return result
 
     async def _end_on_a_whole_frame(self) -> None:
         """Complete the response's last frame with silence (no mark of its own).
@@ -339,11 +355,19 @@ class Pacer:
         of this response only with the start of the next one, well after its
         last mark was answered.
         """
-        assert self._caps is not None
-        pad = -self.session.bytes_sent % self._caps.optimal_frame_size
-        if pad:
-            byte = SILENCE.get(self._caps.codec, 0x00)
-            await self.session.send_audio(bytes([byte]) * pad)
+        caps = self._caps
+        assert caps is not None
+        if str(caps.fields.get("passthrough", "")).lower() == "true":
+            return  # frames of a passthrough codec are the app's: none to complete
+        if caps.codec in SILENCE:
+            byte = SILENCE[caps.codec]
+        elif caps.codec.startswith("slin"):
+            byte = 0x00
+        else:
+            return  # no silence byte known for this format
+        partial = self.session.partial_frame_bytes
+        if partial:
+            await self.session.send_audio(bytes([byte]) * (caps.optimal_frame_size - partial))
 
     def lookahead_ms(self) -> float:
         """How long before it is needed to ask the engine for the next chunk.
@@ -438,7 +462,6 @@ class Pacer:
         if self._sending.is_set():
             self._barge_in.set()
             await self._sent.wait()
-            return result
         if result.interrupted:
             return result
         # Without marks (the clock strategy), the clock's estimate.
@@ -455,7 +478,6 @@ class Pacer:
         self._play_end = 0.0
         self._wall_end = 0.0
         self._sends.clear()
-        self._barge_in.clear()
         if start is None:
             result.heard_ms = clock_heard
             return

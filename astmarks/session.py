@@ -53,6 +53,10 @@ T = TypeVar("T")
 MARK_ID = re.compile(r"[!-~]{1,64}")
 #: How long an await waits by default (s).
 DEFAULT_TIMEOUT = 10.0
+#: The most media sent in one WebSocket message: Asterisk reads a frame into
+#: 65,535 bytes with its header (65,527 of payload when the bot connected in,
+#: its frames masked); a larger one closes the call (1009).
+MAX_MESSAGE = 65_000
 
 
 class MediaSessionError(Exception):
@@ -128,6 +132,9 @@ class MarkPlayed:
     queued_ms: int | None
     seq: int | None
     t: float
+    #: Inferred by the session: a driver without MARK flushed the mark after
+    #: its media had played by the clock, before answering it.
+    inferred: bool = False
 
     played = True
 
@@ -183,9 +190,10 @@ class Mark:
     """A placed mark: await it (or :meth:`result`) for a :class:`MarkPlayed`
     or :class:`MarkCleared`."""
 
-    def __init__(self, session: MediaSession, mark_id: str, offset: int) -> None:
+    def __init__(self, session: MediaSession, mark_id: str, offset: int, serial: int = 0) -> None:
         self.session = session
         self.mark_id = mark_id
+        self.serial = serial
         #: Bytes of media the bot had sent before the mark.
         self.offset = offset
         self.sent = time.time()
@@ -259,8 +267,18 @@ class MediaSession:
         self._media_start: asyncio.Future[Event] = asyncio.get_running_loop().create_future()
         self._marks: dict[str, Mark] = {}
         self._ids = itertools.count(1)
+        # One waiter per GET_STATUS / FLUSH_MEDIA sent, in order: each answer
+        # goes to the oldest (commands are answered in order), awaited or not.
         self._statuses: deque[asyncio.Future[Status]] = deque()
         self._flushes: deque[asyncio.Future[Flushed]] = deque()
+        self._serial = 0  # marks placed so far
+        # Marks placed from this serial on may be refused for the channel's
+        # state (direction 'in', passthrough); None: none would be.
+        self._refusable_from: int | None = None
+        # Bytes sent since the driver's frames last started afresh (a flush
+        # discards a partial frame): where the next frame boundary is.
+        self._aligned_bytes = 0
+        self._bytes_at_report = 0
         self._changed = asyncio.Condition()
         self._reports = 0  # positions reported so far
         self._drained = 0  # QUEUE_DRAINED so far
@@ -298,12 +316,15 @@ class MediaSession:
         with contextlib.suppress(Exception):
             await self.connection.close()
         if self._reader is not None:
-            with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError):
+            with contextlib.suppress(TimeoutError, asyncio.CancelledError):
                 await asyncio.wait_for(asyncio.shield(self._reader), 2.0)
             self._reader.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._reader
         self._closed_down()
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            raise asyncio.CancelledError  # the caller's own cancellation, not swallowed
 
     async def wait_closed(self, timeout: float | None = None) -> None:
         """Until the connection closes (the call ends)."""
@@ -394,7 +415,10 @@ class MediaSession:
         except (KeyError, ProtocolError) as exc:
             log.warning("astmarks: %s without a valid %s", event.name, exc)
         if self.on_event is not None:
-            self.on_event(event)
+            try:
+                self.on_event(event)
+            except Exception:
+                log.exception("astmarks: the on_event callback failed on %s", event.name)
 
     def _dispatch(self, event: Event) -> None:
         name = event.name
@@ -435,13 +459,11 @@ class MediaSession:
                 event.get_int("cleared_marks"),
                 event.t,
             )
-            self.position = Position(flushed.played_ms, 0.0, event.t)
-            self._reports += 1
-            while self._flushes:
+            self._set_position(Position(flushed.played_ms, 0.0, event.t))
+            if flushed.reason == "flush" and self._flushes:
                 fut = self._flushes.popleft()
                 if not fut.done():
                     fut.set_result(flushed)
-                    break
         elif name == "MEDIA_PROGRESS":
             self._report(event)
         elif name == "STATUS":
@@ -456,7 +478,13 @@ class MediaSession:
             self._on_error(event)
 
     def _report(self, event: Event) -> None:
-        self.position = Position(event.get_int("played_ms"), event.get_int("queued_ms"), event.t)
+        self._set_position(
+            Position(event.get_int("played_ms"), event.get_int("queued_ms"), event.t)
+        )
+
+    def _set_position(self, position: Position) -> None:
+        self.position = position
+        self._bytes_at_report = self.bytes_sent
         self._reports += 1
 
     def _settle(self, mark_id: str, result: MarkResult) -> None:
@@ -478,13 +506,11 @@ class MediaSession:
             dict(event.fields),
         )
         if status.played_ms is not None and status.queued_ms is not None:
-            self.position = Position(status.played_ms, status.queued_ms, event.t)
-            self._reports += 1
-        while self._statuses:
+            self._set_position(Position(status.played_ms, status.queued_ms, event.t))
+        if self._statuses:
             fut = self._statuses.popleft()
             if not fut.done():
                 fut.set_result(status)
-                break
 
     def _on_error(self, event: Event) -> None:
         text = str(event.get("error_text", event.raw))
@@ -495,13 +521,21 @@ class MediaSession:
         match = re.match(r"(?:MARK|MARK_MEDIA) '([!-~]{1,64})'", text)
         if match and match.group(1) in self._marks:
             self._marks.pop(match.group(1))._fail(error)
-        elif text.startswith("MARK not supported") and self._marks:
-            # Refused for the channel's state (direction in, passthrough): the
-            # newest mark, as commands are answered in order.
-            self._marks.pop(next(reversed(self._marks)))._fail(error)
+        elif re.match(r"(?:MARK|MARK_MEDIA) not supported", text) and self._marks:
+            # Refused for the channel's state (direction 'in', passthrough):
+            # the oldest mark placed since that state began (commands are
+            # answered in order), else the newest.
+            since = self._refusable_from
+            refused = [m for m in self._marks.values() if since is not None and m.serial >= since]
+            mark = refused[0] if refused else next(reversed(self._marks.values()))
+            self._marks.pop(mark.mark_id)._fail(error)
         dropped = re.match(r"Media queue full: dropped (\d+) bytes", text)
         if dropped:
-            self._lost_ms += int(dropped.group(1)) / self._bytes_per_ms()
+            nbytes = int(dropped.group(1))
+            ms = nbytes / self._bytes_per_ms()
+            self._lost_ms += ms
+            self._play_end -= ms / 1000  # never queued, so never played
+            self._aligned_bytes = max(0, self._aligned_bytes - nbytes)
 
     # --- starting --------------------------------------------------------------------
 
@@ -521,7 +555,12 @@ class MediaSession:
         )
         if self._probe is None:
             self._probe = asyncio.create_task(self._probe_marks(timeout))
-        marks = await asyncio.shield(self._probe)
+        try:
+            marks = await asyncio.shield(self._probe)
+        except BaseException:
+            if self._probe.done():
+                self._probe = None  # ask again next time
+            raise
         if self.capabilities is None:
             self.capabilities = Capabilities(
                 channel=str(event.get("channel", "")),
@@ -536,6 +575,8 @@ class MediaSession:
                 marks=marks,
                 fields=dict(event.fields),
             )
+            if str(event.get("passthrough", "")).lower() == "true":
+                self._refusable_from = 0  # no MARK in passthrough mode
             if not marks:
                 log.warning(
                     "astmarks: this Asterisk's chan_websocket has no MARK: marks fall back "
@@ -562,8 +603,35 @@ class MediaSession:
     # --- sending ---------------------------------------------------------------------
 
     async def command(self, name: str, argument: str | int | None = None, **extra: Any) -> None:
-        """Send any command, in the connection's control format (no answer awaited)."""
-        await self._send(format_command(self.format, name, argument, **extra))
+        """Send any command, in the connection's control format (no answer
+        awaited). A ``GET_STATUS`` or ``FLUSH_MEDIA`` sent this way takes its
+        answer, as those of :meth:`status` and :meth:`flush` do theirs."""
+        await self._command(name, argument, **extra)
+
+    async def _command(
+        self, name: str, argument: str | int | None = None, **extra: Any
+    ) -> asyncio.Future[Any] | None:
+        """Send a command; the future its answer resolves, for those answered."""
+        text = format_command(self.format, name, argument, **extra)
+        loop = asyncio.get_running_loop()
+        answer: asyncio.Future[Any] | None = None
+        if name == "GET_STATUS":
+            answer = loop.create_future()
+            self._statuses.append(answer)
+        elif name == "FLUSH_MEDIA" and self.marks:  # opted in: MEDIA_FLUSHED comes
+            answer = loop.create_future()
+            self._flushes.append(answer)
+        elif name == "SET_MEDIA_DIRECTION":
+            direction = extra.get("direction", argument)
+            self._refusable_from = self._serial if direction == "in" else None
+        try:
+            await self._send(text)
+        except BaseException:
+            for queue in (self._statuses, self._flushes):
+                if answer in queue:
+                    queue.remove(answer)  # type: ignore[arg-type]
+            raise
+        return answer
 
     async def _send(self, message: str | bytes) -> None:
         if isinstance(message, str):
@@ -571,8 +639,13 @@ class MediaSession:
         if self.closed.is_set():
             raise SessionClosed(f"the call ended (code {self.close_code})")
         try:
-            await self.connection.send(message)
-        except Exception as exc:
+            async with asyncio.timeout(self.timeout):
+                await self.connection.send(message)
+        except TimeoutError:
+            raise MediaTimeout(
+                f"sending did not complete within {self.timeout:.1f} s: the connection is stuck"
+            ) from None
+        except ConnectionClosed as exc:
             raise SessionClosed(f"the call ended while sending: {exc}") from exc
 
     async def answer(self) -> None:
@@ -586,15 +659,29 @@ class MediaSession:
         await self.wait_closed(timeout)
 
     async def send_audio(self, data: bytes, timeout: float | None = None) -> None:
-        """Send media (one binary message). While Asterisk says its queue is
-        nearly full (``MEDIA_XOFF``), wait for ``MEDIA_XON`` first."""
+        """Send media. While Asterisk says its queue is nearly full
+        (``MEDIA_XOFF``), wait for ``MEDIA_XON`` first. More than fits in one
+        WebSocket message Asterisk accepts (:data:`MAX_MESSAGE`) goes in
+        several, split at frame boundaries."""
         if self._xoff and self.flow_control:
             await self._wait(self._until(lambda: not self._xoff), timeout, "MEDIA_XON")
-        await self._send(data)
-        self.bytes_sent += len(data)
-        now = time.time()
-        ms = len(data) / self._bytes_per_ms()
-        self._play_end = max(self._play_end, now) + ms / 1000
+        frame = self.capabilities.optimal_frame_size if self.capabilities is not None else 160
+        step = max(frame, MAX_MESSAGE // frame * frame)
+        for at in range(0, len(data), step):
+            piece = data[at : at + step]
+            await self._send(piece)
+            self.bytes_sent += len(piece)
+            self._aligned_bytes += len(piece)
+            now = time.time()
+            self._play_end = max(self._play_end, now) + len(piece) / self._bytes_per_ms() / 1000
+
+    @property
+    def partial_frame_bytes(self) -> int:
+        """Bytes of a frame begun and not completed by the media sent so far
+        (the driver keeps them until the rest comes, or plays them alone when
+        nothing else is queued)."""
+        frame = self.capabilities.optimal_frame_size if self.capabilities is not None else 160
+        return self._aligned_bytes % frame
 
     def _bytes_per_ms(self) -> float:
         return self.capabilities.bytes_per_ms if self.capabilities is not None else 8.0
@@ -614,7 +701,8 @@ class MediaSession:
             raise ValueError(f"a mark id is 1 to 64 visible ASCII characters: {mark_id!r}")
         if mark_id in self._marks:
             raise ValueError(f"mark {mark_id!r} is already pending")
-        mark = Mark(self, mark_id, self.bytes_sent)
+        mark = Mark(self, mark_id, self.bytes_sent, self._serial)
+        self._serial += 1
         self._marks[mark_id] = mark
         try:
             await self.command("MARK" if caps.marks else "MARK_MEDIA", mark_id)
@@ -642,30 +730,37 @@ class MediaSession:
         discarded = max(0.0, self._play_end - now) * 1000
         if not caps.marks:
             await self.command("FLUSH_MEDIA")
+            played_bytes = self.bytes_sent - discarded * self._bytes_per_ms()
             self._clock_flushed(discarded)
             for mark in list(self._marks.values()):
-                self._settle(
-                    mark.mark_id, MarkCleared(mark.mark_id, "flush", None, None, now, True)
+                # Its media played by the clock: MEDIA_MARK_PROCESSED was
+                # on its way (a ptime late), and the flush took it.
+                result: MarkResult = (
+                    MarkPlayed(mark.mark_id, None, None, None, now, inferred=True)
+                    if mark.offset <= played_bytes
+                    else MarkCleared(mark.mark_id, "flush", None, None, now, inferred=True)
                 )
+                self._settle(mark.mark_id, result)
             flushed = Flushed("flush", played, discarded, 0, now, estimated=True)
-            self.position = Position(played, 0.0, now, estimated=True)
+            self._set_position(Position(played, 0.0, now, estimated=True))
             return flushed
-        fut: asyncio.Future[Flushed] = asyncio.get_running_loop().create_future()
-        self._flushes.append(fut)
-        await self.command("FLUSH_MEDIA")
+        answer = await self._command("FLUSH_MEDIA")
+        assert answer is not None
         self._clock_flushed(discarded)
-        return await self._wait(fut, timeout, "MEDIA_FLUSHED")
+        result_: Flushed = await self._wait(asyncio.shield(answer), timeout, "MEDIA_FLUSHED")
+        return result_
 
     def _clock_flushed(self, discarded_ms: float) -> None:
         self._lost_ms += discarded_ms
         self._play_end = 0.0
+        self._aligned_bytes = 0  # a partial frame is discarded too
 
     async def status(self, timeout: float | None = None) -> Status:
         """``GET_STATUS``, and the ``STATUS`` that answers it."""
-        fut: asyncio.Future[Status] = asyncio.get_running_loop().create_future()
-        self._statuses.append(fut)
-        await self.command("GET_STATUS")
-        return await self._wait(fut, timeout, "STATUS")
+        answer = await self._command("GET_STATUS")
+        assert answer is not None
+        status: Status = await self._wait(asyncio.shield(answer), timeout, "STATUS")
+        return status
 
     async def round_trip(self, timeout: float | None = None) -> float:
         """Seconds from sending ``GET_STATUS`` to reading its ``STATUS``."""
@@ -721,4 +816,6 @@ class MediaSession:
         pos = self.position
         if pos is None or pos.estimated or not self.marks:
             return self.clock_played_ms(now)
-        return pos.played_ms + min(pos.queued_ms, max(0.0, now - pos.t) * 1000)
+        # What was queued then, and what was sent since, plays on.
+        sent_since = (self.bytes_sent - self._bytes_at_report) / self._bytes_per_ms()
+        return pos.played_ms + min(pos.queued_ms + sent_since, max(0.0, now - pos.t) * 1000)

@@ -15,12 +15,15 @@ stopped playing, exact to the frame, not what was sent (which runs ahead by
 what is queued) nor a clock's guess. The model then forgets what the caller
 never heard.
 
-The model here is :class:`StandInModel`, local and offline: the same events
-in the same shapes (server VAD on the caller's audio, spoken answers as
-g711_ulaw deltas, generated faster than real time, as a real model does).
-For the real service, give :func:`bridge` an object with the same two
-methods (``send(event)``, ``events()``) over a WebSocket to
-``wss://api.openai.com/v1/realtime`` with ``g711_ulaw`` in both directions.
+The model here is :class:`StandInModel`, local and offline: the events of
+the Realtime API's beta interface in their shapes (server VAD on the
+caller's audio, spoken answers as g711_ulaw deltas, generated faster than
+real time, as a real model does). For the real service, give :func:`bridge`
+an object with the same two methods (``send(event)``, ``events()``) over a
+WebSocket to ``wss://api.openai.com/v1/realtime`` with ``g711_ulaw`` in both
+directions; the generally available interface renames some events
+(``response.output_audio.delta`` for ``response.audio.delta``, the formats
+under ``session.audio``), which is a change of names in :func:`bridge`.
 
 Asterisk dials it as in ``stream_wav.py`` (``Dial(WebSocket/<connection>/c(ulaw))``)::
 
@@ -51,9 +54,12 @@ from websockets.asyncio.server import ServerConnection, serve
 from astmarks import MediaSession, MediaSessionError
 from astmarks.pacer import Pacer, PacingResult
 
-with warnings.catch_warnings():  # audioop: the standard library up to Python 3.12
-    warnings.simplefilter("ignore", DeprecationWarning)
-    import audioop
+try:  # audioop: the standard library up to Python 3.12; pip install audioop-lts after
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        import audioop
+except ImportError:  # pragma: no cover - Python 3.13+ without audioop-lts
+    sys.exit("realtime_bridge: the stand-in model needs audioop: pip install audioop-lts")
 
 Event = dict[str, Any]
 #: The model's audio format, and Asterisk's for the call: 8 kHz μ-law.
@@ -80,7 +86,7 @@ async def bridge(session: MediaSession, model: Model, *, answers: int = 2) -> No
     # The model's events and the bridge's own ("bridge.played": an answer has
     # been played in full), one at a time: the loop below never waits long.
     inbox: asyncio.Queue[Event] = asyncio.Queue()
-    tasks = {
+    tasks: set[asyncio.Task[Any]] = {
         asyncio.create_task(_forward(model, inbox)),
         asyncio.create_task(_uplink(session, model)),
     }
@@ -108,10 +114,14 @@ async def bridge(session: MediaSession, model: Model, *, answers: int = 2) -> No
                 item_id = event["item"]["id"]
                 deltas = asyncio.Queue()
                 playing = asyncio.create_task(pacer.play(_chunks(deltas)))
-                tasks.add(asyncio.create_task(_watch(playing, item_id, inbox)))
+                tasks |= {playing, asyncio.create_task(_watch(playing, item_id, inbox))}
             elif kind == "response.audio.delta" and event["item_id"] == item_id:
                 deltas.put_nowait(base64.b64decode(event["delta"]))
             elif kind == "response.audio.done" and event["item_id"] == item_id:
+                deltas.put_nowait(None)
+            elif kind == "response.done":
+                # The end of the audio, also of a response that ends without
+                # response.audio.done (cancelled, failed, no audio).
                 deltas.put_nowait(None)
             elif kind == "input_audio_buffer.speech_started" and playing is not None:
                 # Barge-in: stop the answer wherever it is (still being sent,

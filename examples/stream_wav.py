@@ -79,7 +79,10 @@ async def stream(session: MediaSession, pcm: bytes, rate: int, args: argparse.Na
         flush=True,
     )
     media = encode(pcm, rate, caps.codec)
-    size = int(args.chunk_ms * caps.bytes_per_ms)
+    # Whole frames only: Asterisk holds a partial last frame until more comes.
+    frame = caps.optimal_frame_size
+    media += bytes([{"ulaw": 0xFF, "alaw": 0xD5}.get(caps.codec, 0)]) * (-len(media) % frame)
+    size = max(frame, int(args.chunk_ms * caps.bytes_per_ms) // frame * frame)
     starts = range(0, len(media), size)
     queued: collections.deque[tuple[int, float, Mark]] = collections.deque()
     for index, start in enumerate(starts):
@@ -133,12 +136,21 @@ async def main(args: argparse.Namespace) -> int:
     return 0
 
 
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be 1 or more, not {value}")
+    return value
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("wav", type=Path, help="16-bit mono PCM WAV")
     parser.add_argument("--listen", default="127.0.0.1:8765", help="HOST:PORT to serve on")
     parser.add_argument("--chunk-ms", type=int, default=200, help="ms of audio per chunk")
-    parser.add_argument("--ahead", type=int, default=3, help="chunks queued at most")
+    parser.add_argument(
+        "--ahead", type=_positive, default=3, help="chunks queued at most (1 or more)"
+    )
     parser.add_argument("--once", action="store_true", help="exit after one call")
     return parser.parse_args(argv)
 

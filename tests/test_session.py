@@ -91,3 +91,94 @@ async def test_the_callers_audio_is_read_and_a_slow_reader_loses_the_oldest() ->
             got = [piece[0] async for piece in s.audio()]
     assert far.empty()
     assert got == [2, 3, 4], "the newest three kept"
+
+
+async def _started(s: MediaSession, peer: ServerConnection, status: str = "") -> None:
+    """Answer MEDIA_START and the probe's GET_STATUS as a driver with MARK."""
+    await peer.send("MEDIA_START connection_id:c channel:WebSocket/x channel_id:1 format:ulaw")
+    probing = asyncio.create_task(s.started())
+    assert await peer.recv() == "REPORT_PROGRESS 0"
+    assert await peer.recv() == "GET_STATUS"
+    await peer.send(status or STATUS.format(played=0))
+    await probing
+
+
+STATUS = (
+    "STATUS channel_id:1 queue_length:0 xon_level:800 xoff_level:900 queue_full:false "
+    "bulk_media:false media_paused:false pending_marks:0 played_ms:{played} queued_ms:0"
+)
+
+
+async def test_a_late_answer_goes_to_the_request_it_answers(
+    pair: tuple[MediaSession, Far],
+) -> None:
+    s, far = pair
+    peer = await far.get()
+    await _started(s, peer)
+    with pytest.raises(MediaTimeout):
+        await s.status(timeout=0.05)  # answered late
+    await s.command("GET_STATUS")  # the bot's own, answered too
+    asked = asyncio.create_task(s.status())
+    for played in (111, 222, 333):
+        await peer.send(STATUS.format(played=played))
+    assert (await asked).played_ms == 333, "not the late answer to an earlier one"
+
+
+async def test_only_a_flush_answers_a_flush(pair: tuple[MediaSession, Far]) -> None:
+    s, far = pair
+    peer = await far.get()
+    await _started(s, peer)
+    flushing = asyncio.create_task(s.flush())
+    await peer.send("MEDIA_FLUSHED reason:hangup played_ms:10 discarded_ms:0 cleared_marks:0")
+    await peer.send("MEDIA_FLUSHED reason:flush played_ms:20 discarded_ms:5 cleared_marks:0")
+    flushed = await flushing
+    assert (flushed.reason, flushed.played_ms) == ("flush", 20)
+
+
+async def test_a_failed_probe_is_asked_again_and_a_bad_callback_ends_nothing() -> None:
+    far: Far = asyncio.Queue()
+    done = asyncio.Event()
+
+    async def handler(connection: ServerConnection) -> None:
+        await far.put(connection)
+        await done.wait()
+
+    def callback(event: object) -> None:
+        raise ValueError("the bot's own bug")
+
+    async with serve(handler, "127.0.0.1", 0) as server:
+        port = next(iter(server.sockets)).getsockname()[1]
+        async with (
+            connect(f"ws://127.0.0.1:{port}") as ws,
+            MediaSession(ws, timeout=0.3, on_event=callback) as s,
+        ):
+            try:
+                peer = await far.get()
+                await peer.send("MEDIA_START connection_id:c channel:x channel_id:1 format:ulaw")
+                with pytest.raises(MediaTimeout):
+                    await s.started()  # the probe's STATUS does not come in time
+                s.timeout = 5
+                probing = asyncio.create_task(s.started())
+                # Both GET_STATUS answered now: the first (late), and the second.
+                for _ in range(2):
+                    while await peer.recv() != "GET_STATUS":
+                        pass
+                    await peer.send(STATUS.format(played=0))
+                assert (await probing).marks
+                assert not s.closed.is_set()
+            finally:
+                done.set()
+
+
+async def test_audio_over_one_message_goes_in_several(pair: tuple[MediaSession, Far]) -> None:
+    s, far = pair
+    peer = await far.get()
+    await _started(s, peer)
+    await s.send_audio(b"\xff" * 150_000)
+    sizes: list[int] = []
+    while sum(sizes) < 150_000:
+        message = await peer.recv()
+        assert isinstance(message, bytes)
+        sizes.append(len(message))
+    assert max(sizes) <= 65_000 and all(n % 160 == 0 for n in sizes[:-1])
+    assert s.partial_frame_bytes == 150_000 % 160

@@ -24,6 +24,7 @@ from astmarks import (
     MediaTimeout,
     SessionClosed,
 )
+from astmarks.pacer import Pacer
 from astmarks.protocol import ControlFormat
 from harness import audio
 from harness.caller import SipPhone
@@ -234,3 +235,43 @@ async def test_on_upstream_it_falls_back_and_says_so_once(
     report("library on upstream: clock heard vs RTP", f"{heard:.0f} ms vs {on_rtp} ms")
     assert flushed.estimated
     assert abs(heard - on_rtp) < 100, "the clock is about right on an idle loopback"
+
+
+async def _frames(first: int, count: int, per_chunk: int = 5) -> AsyncIterator[bytes]:
+    """Tagged frames, a few per chunk, as a TTS stream would yield them."""
+    for i in range(first, first + count, per_chunk):
+        yield audio.tagged_frames(i, min(per_chunk, first + count - i))
+
+
+async def test_the_pacer_interrupts_this_response_wherever_it_is(
+    install: Path, phone: SipPhone, capture_ok: None, own_bot: OwnBot
+) -> None:
+    async with (
+        asterisk_for(install, own_bot.uri, "library") as asterisk,
+        call(asterisk, phone) as live,
+    ):
+        s = await own_bot.session()
+        pacer = Pacer(s)
+        first = await pacer.play(_frames(0, 25))
+        assert isinstance(await first.played(), MarkPlayed)
+        # Interrupted before it could start: this response, not the one before.
+        task = asyncio.create_task(pacer.play(_frames(100, 100)))
+        cut = await pacer.interrupt()
+        result = await task
+        assert cut is result and result.interrupted and result.heard_ms == 0
+        # Sent in full, still playing (the pacer keeps some queued): flushed.
+        sent = await pacer.play(_frames(200, 25))
+        late = await pacer.interrupt()
+        await asyncio.sleep(0.1)
+        # The next response plays in full: a barge-in is its response's only.
+        again = await pacer.play(_frames(300, 10))
+        assert isinstance(await again.played(), MarkPlayed)
+        await asyncio.sleep(0.1)
+    assert late is sent and sent.interrupted and sent.heard_ms is not None
+    on_rtp = frames_heard(live.packets, 200, 224) * audio.FRAME_MS
+    report(
+        "library: pacer interrupted while still playing", f"{sent.heard_ms:.0f} ms, RTP {on_rtp}"
+    )
+    assert sent.heard_ms == on_rtp and 0 < on_rtp < 500
+    assert frames_heard(live.packets, 100, 199) == 0
+    assert frames_heard(live.packets, 300, 309) == 10
