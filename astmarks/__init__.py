@@ -8,6 +8,7 @@ response from a TTS engine, keeping a little audio queued in Asterisk, paced
 by the marks.
 
 Modules: :mod:`astmarks.session` (the session and what it returns),
+:mod:`astmarks.server` (a server for Asterisk to dial, a session per call),
 :mod:`astmarks.pacer` (pacing a streamed response), :mod:`astmarks.protocol`
 (parsing events, formatting commands).
 
@@ -15,9 +16,10 @@ The protocol itself (events and commands, plain-text and JSON) is in
 :mod:`astmarks.protocol`. The only dependency is ``websockets``.
 """
 
-from astmarks import pacer, protocol, session
+from astmarks import pacer, protocol, server, session
 from astmarks.pacer import Pacer, PacingResult
 from astmarks.protocol import ControlFormat, Event, ProtocolError, format_command, parse_event
+from astmarks.server import serve
 from astmarks.session import (
     Capabilities,
     DriverError,
@@ -59,5 +61,7 @@ __all__ = [
     "pacer",
     "parse_event",
     "protocol",
+    "serve",
+    "server",
     "session",
 ]

@@ -49,8 +49,7 @@ import warnings
 from collections.abc import AsyncIterator
 from typing import Any, Protocol
 
-from websockets.asyncio.server import ServerConnection, serve
-
+import astmarks
 from astmarks import MediaSession, MediaSessionError
 from astmarks.pacer import Pacer, PacingResult
 
@@ -341,18 +340,16 @@ def _voice(seconds: float) -> list[bytes]:
 async def main(args: argparse.Namespace) -> int:
     done = asyncio.Event()
 
-    async def handler(connection: ServerConnection) -> None:
-        async with MediaSession(connection) as session:
-            try:
-                await bridge(session, StandInModel(args.answer_s), answers=args.answers)
-            except (MediaSessionError, ValueError) as exc:
-                print(f"the call ended: {exc}", flush=True)
+    async def call(session: MediaSession) -> None:
+        try:
+            await bridge(session, StandInModel(args.answer_s), answers=args.answers)
+        except (MediaSessionError, ValueError) as exc:
+            print(f"the call ended: {exc}", flush=True)
         if args.once:
             done.set()
 
     host, _, port = args.listen.rpartition(":")
-    options: dict[str, Any] = {"subprotocols": ["media"], "max_size": None, "ping_interval": None}
-    async with serve(handler, host, int(port), **options):
+    async with astmarks.serve(call, host, int(port)):
         print(f"listening on ws://{args.listen}/media", flush=True)
         await done.wait()
     return 0

@@ -28,10 +28,8 @@ import time
 import warnings
 import wave
 from pathlib import Path
-from typing import Any
 
-from websockets.asyncio.server import ServerConnection, serve
-
+import astmarks
 from astmarks import Mark, MarkPlayed, MediaSession, MediaSessionError
 
 #: The μ-law and A-law codecs (audioop: the standard library up to Python 3.12;
@@ -119,18 +117,16 @@ async def main(args: argparse.Namespace) -> int:
         return 2
     done = asyncio.Event()
 
-    async def handler(connection: ServerConnection) -> None:
-        async with MediaSession(connection) as session:
-            try:
-                await stream(session, pcm, rate, args)
-            except (MediaSessionError, ValueError) as exc:
-                print(f"the call ended: {exc}", flush=True)
+    async def call(session: MediaSession) -> None:
+        try:
+            await stream(session, pcm, rate, args)
+        except (MediaSessionError, ValueError) as exc:
+            print(f"the call ended: {exc}", flush=True)
         if args.once:
             done.set()
 
     host, _, port = args.listen.rpartition(":")
-    options: dict[str, Any] = {"subprotocols": ["media"], "max_size": None, "ping_interval": None}
-    async with serve(handler, host, int(port), **options):
+    async with astmarks.serve(call, host, int(port)):
         print(f"listening on ws://{args.listen}/media", flush=True)
         await done.wait()
     return 0

@@ -1,7 +1,7 @@
 """The client library (astmarks) on real calls, as a bot author uses it.
 
-The bot here is a plain ``websockets`` server whose handler wraps each
-connection in :class:`astmarks.MediaSession`, nothing of the rig's; Asterisk
+The bot here is served by :func:`astmarks.serve` (a ``websockets`` server,
+a :class:`astmarks.MediaSession` per call), nothing of the rig's; Asterisk
 dials it, a real SIP phone is the caller, and what the library says is held
 against the RTP the caller got.
 """
@@ -9,13 +9,15 @@ against the RTP the caller got.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-from websockets.asyncio.server import Server, ServerConnection, serve
+from websockets.asyncio.server import Server
 
+import astmarks
 from astmarks import (
     DriverError,
     MarkCleared,
@@ -38,11 +40,13 @@ pytestmark = pytest.mark.integration
 
 
 class OwnBot:
-    """A bot server of the test's own: each connection becomes a MediaSession
-    the test drives; the handler holds it open until the call ends."""
+    """A bot of the test's own, served by :func:`astmarks.serve`: each call's
+    session goes to the test, which drives it; the handler holds it open
+    until the call ends."""
 
     def __init__(self) -> None:
         self.sessions: asyncio.Queue[MediaSession] = asyncio.Queue()
+        self._serving: contextlib.AbstractAsyncContextManager[Server] | None = None
         self._server: Server | None = None
 
     @property
@@ -51,26 +55,18 @@ class OwnBot:
         port = next(iter(self._server.sockets)).getsockname()[1]
         return f"ws://{LOOPBACK}:{port}/media"
 
-    async def _handler(self, connection: ServerConnection) -> None:
-        async with MediaSession(connection, timeout=units(10)) as session:
-            await self.sessions.put(session)
-            await session.closed.wait()
+    async def _call(self, session: MediaSession) -> None:
+        await self.sessions.put(session)
+        await session.closed.wait()
 
     async def __aenter__(self) -> OwnBot:
-        self._server = await serve(
-            self._handler,
-            LOOPBACK,
-            0,
-            subprotocols=["media"],  # type: ignore[list-item]
-            max_size=None,
-            ping_interval=None,
-        )
+        self._serving = astmarks.serve(self._call, LOOPBACK, 0, timeout=units(10))
+        self._server = await self._serving.__aenter__()
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        assert self._server is not None
-        self._server.close()
-        await self._server.wait_closed()
+        assert self._serving is not None
+        await self._serving.__aexit__(None, None, None)
 
     async def session(self) -> MediaSession:
         return await asyncio.wait_for(self.sessions.get(), units(10))
