@@ -251,6 +251,8 @@ class MediaSession:
         start of the connection's id."""
         self.connection = connection
         self.name = name or connection.id.hex[:8]
+        #: The most media :meth:`send_audio` puts in one message (0: no limit).
+        self.max_message = MAX_MESSAGE
         self.timeout = timeout
         self.flow_control = flow_control
         self.on_event = on_event
@@ -666,8 +668,8 @@ class MediaSession:
         if self._xoff and self.flow_control:
             await self._wait(self._until(lambda: not self._xoff), timeout, "MEDIA_XON")
         frame = self.capabilities.optimal_frame_size if self.capabilities is not None else 160
-        step = max(frame, MAX_MESSAGE // frame * frame)
-        for at in range(0, len(data), step):
+        step = max(frame, self.max_message // frame * frame) if self.max_message else len(data)
+        for at in range(0, len(data), max(step, 1)):
             piece = data[at : at + step]
             await self._send(piece)
             self.bytes_sent += len(piece)

@@ -55,7 +55,8 @@ class BotSession(MediaSession):
     The library's :class:`~astmarks.session.MediaSession` (a pacer or a test
     can use its API), which also keeps every event and message with its
     arrival time, and sends anything, valid or not. It never waits for
-    ``MEDIA_XON`` before sending audio: tests overflow the queue on purpose.
+    ``MEDIA_XON`` before sending audio (tests overflow the queue on purpose)
+    nor splits a message too large for Asterisk (tests send one on purpose).
     """
 
     def __init__(self, connection: Connection, tag: str | None = None) -> None:
@@ -69,6 +70,7 @@ class BotSession(MediaSession):
         super().__init__(
             connection, timeout=units(10), flow_control=False, name=self.params.get("call")
         )
+        self.max_message = 0  # a test sends what it means to, too large or not
         self.events: list[Event] = []
         #: Every TEXT message as it arrived, parsed or not.
         self.texts: list[str] = []
