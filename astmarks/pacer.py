@@ -114,7 +114,9 @@ class Pacer:
 
     *target_ms*: audio kept queued in Asterisk beyond what the link needs
     (:meth:`link_ms`); *prefetch_ms*: at most how long before a chunk is
-    needed the TTS stream is asked for it.
+    needed the TTS stream is asked for it; *chunk_timeout*: how long (s) the
+    stream may take for one chunk before :meth:`play` raises
+    :class:`~astmarks.session.MediaTimeout` (None: as long as it takes).
     """
 
     def __init__(
@@ -124,8 +126,10 @@ class Pacer:
         target_ms: float = 40.0,
         prefetch_ms: float = 150.0,
         strategy: Strategy = Strategy.MARKS,
+        chunk_timeout: float | None = None,
     ) -> None:
         self.session = session
+        self.chunk_timeout = chunk_timeout
         self.target_ms = target_ms
         self.prefetch_ms = prefetch_ms
         # How long the engine took for recent chunks (s): it is asked for the
@@ -381,16 +385,23 @@ class Pacer:
         return min(self.prefetch_ms, max(self._generation) * 1000 + frame_ms)
 
     async def _next_chunk(self, iterator: AsyncIterator[bytes]) -> bytes | None:
-        """The next chunk of the stream; None at its end or on barge-in."""
+        """The next chunk of the stream; None at its end or on barge-in;
+        MediaTimeout if the stream takes longer than ``chunk_timeout``."""
         asked = time.monotonic()
         fetch: asyncio.Future[Any] = asyncio.ensure_future(anext(iterator))
         stop: asyncio.Future[Any] = asyncio.ensure_future(self._barge_in.wait())
-        await asyncio.wait({fetch, stop}, return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait(
+            {fetch, stop}, timeout=self.chunk_timeout, return_when=asyncio.FIRST_COMPLETED
+        )
         stop.cancel()
         if not fetch.done():
             fetch.cancel()
             with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration):
                 await fetch
+            if not self._barge_in.is_set():
+                raise MediaTimeout(
+                    f"the TTS stream gave no chunk within {self.chunk_timeout:.1f} s"
+                )
             return None
         try:
             data: bytes = fetch.result()

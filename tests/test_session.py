@@ -16,6 +16,7 @@ from websockets.asyncio.client import connect
 from websockets.asyncio.server import ServerConnection, serve
 
 from astmarks import MediaSession, MediaTimeout, SessionClosed
+from astmarks.pacer import Pacer
 
 #: The far end's connection, for the test to drive.
 Far = asyncio.Queue[ServerConnection]
@@ -182,3 +183,31 @@ async def test_audio_over_one_message_goes_in_several(pair: tuple[MediaSession, 
         sizes.append(len(message))
     assert max(sizes) <= 65_000 and all(n % 160 == 0 for n in sizes[:-1])
     assert s.partial_frame_bytes == 150_000 % 160
+
+
+async def test_a_stalled_tts_stream_times_the_pacer_out(pair: tuple[MediaSession, Far]) -> None:
+    s, far = pair
+    peer = await far.get()
+    await _started(s, peer)
+
+    async def stalls() -> AsyncIterator[bytes]:
+        yield b"\xff" * 160
+        await asyncio.sleep(3600)
+        yield b""
+
+    answering = asyncio.create_task(_answer_marks(peer))
+    try:
+        with pytest.raises(MediaTimeout, match="no chunk within"):
+            await asyncio.wait_for(Pacer(s, chunk_timeout=0.3).play(stalls()), 5)
+    finally:
+        answering.cancel()
+
+
+async def _answer_marks(peer: ServerConnection) -> None:
+    """Answer each MARK at once, as played, and each GET_STATUS."""
+    async for message in peer:
+        if isinstance(message, str) and message.startswith("MARK "):
+            mark_id = message.split()[1]
+            await peer.send(f"MARK_PLAYED seq:1 played_ms:0 queued_ms:0 id:{mark_id}")
+        elif message == "GET_STATUS":
+            await peer.send(STATUS.format(played=0))
