@@ -26,15 +26,13 @@ from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import InvalidHandshake
 
 from astmarks.protocol import Event, ProtocolError, parse_event
+from astmarks.server import SUBPROTOCOL
 from astmarks.session import MediaSession
 from harness.ports import LOOPBACK
 from harness.service import Service
 from harness.timing import units
 
 log = logging.getLogger(__name__)
-
-#: chan_websocket's WebSocket subprotocol.
-SUBPROTOCOL = "media"
 
 
 class BotError(RuntimeError):

@@ -25,6 +25,7 @@ from websockets.asyncio.server import Server, ServerConnection, serve
 from astmarks import MediaSession, MediaSessionError
 from astmarks.pacer import Pacer
 from astmarks.protocol import Event
+from astmarks.server import SUBPROTOCOL
 from harness import audio, tts
 from harness.service import Service
 
@@ -42,8 +43,6 @@ PLAYBACK_EVENTS = ("MARK_PLAYED", "MARK_CLEARED", "MEDIA_FLUSHED", "MEDIA_MARK_P
 SPEECH_LEVEL = 1000
 #: How long the caller must talk before the bot stops (ms).
 SPEECH_MS = 200
-#: chan_websocket's WebSocket subprotocol.
-SUBPROTOCOL = "media"
 
 
 class DemoBot(Service):
