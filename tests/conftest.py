@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from harness import audio
+from harness import analysis, audio
 from harness.asterisk import AsteriskError, find_install
 from harness.bot import BotSession
 from harness.caller import SipPhone
@@ -48,6 +48,30 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
     terminalreporter.section("measured on real calls")
     for name, figure in MEASURED:
         terminalreporter.write_line(f"{name}: {figure}")
+
+
+#: A shared, noisy machine: timing bounds are loose and the figures are reported.
+SLACK_MS = 5.0
+MAX_SLACK_MS = 15.0
+STALL_MS = 150.0
+
+
+def check_mark_timing(errors_ms: list[float], lag_ms: float = 0.0) -> None:
+    """Acks timed against the RTP of the byte before each mark.
+
+    The median within :data:`SLACK_MS` (upstream's MEDIA_MARK_PROCESSED is a
+    whole 20 ms tick late, so this tells the two apart), at least three in
+    four within :data:`MAX_SLACK_MS`, and none beyond :data:`STALL_MS`: a
+    stall of the shared machine now and then holds one ack up by about a tick.
+    In a mixing bridge the ack may come up to *lag_ms* before the audio.
+    """
+    assert errors_ms, "no timing measured"
+    summary = analysis.Summary.of(errors_ms)
+    assert -(lag_ms + SLACK_MS) < summary.median < SLACK_MS, summary
+    earliest = -(lag_ms + MAX_SLACK_MS)
+    near = [e for e in errors_ms if earliest < e < MAX_SLACK_MS]
+    assert len(near) >= 0.75 * len(errors_ms), summary
+    assert all(abs(e) < STALL_MS for e in errors_ms), summary
 
 
 async def send_marked_chunks(

@@ -33,7 +33,7 @@ from harness.caller import SipPhone
 from harness.capture import RtpPacket
 from harness.ports import LOOPBACK
 from harness.timing import units
-from tests.conftest import report
+from tests.conftest import check_mark_timing, report
 from tests.integration.ownbot import asterisk_for, call
 
 pytestmark = pytest.mark.integration
@@ -124,7 +124,7 @@ async def test_marks_positions_and_flush_match_the_rtp(
         if isinstance(r, MarkPlayed)
     ]
     report(f"library: MarkPlayed - RTP of its frame ({fmt.value})", [f"{e:+.2f}" for e in errors])
-    assert all(abs(e) < 15 for e in errors), errors
+    check_mark_timing(errors)
     assert isinstance(cleared, MarkCleared) and cleared.reason == "flush"
     heard_ms = flushed.played_ms - 500
     on_rtp = frames_heard(live.packets, 100, 199) * audio.FRAME_MS

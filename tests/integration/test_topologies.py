@@ -34,7 +34,9 @@ from harness.caller import SipPhone
 from harness.rig import LiveCall, Rig
 from harness.topology import TOPOLOGIES, Creation, Topology
 from tests.conftest import (
+    SLACK_MS,
     check_cleared_by_hangup,
+    check_mark_timing,
     failed,
     hang_up_with_marks_pending,
     report,
@@ -42,11 +44,6 @@ from tests.conftest import (
 )
 from tests.integration.test_bad_input import expect_error
 from tests.integration.test_strict_client import check_strictly, masked, upstream_session
-
-#: A shared machine: the timing bounds are loose, the figures are reported.
-SLACK_MS = 5.0
-MAX_SLACK_MS = 15.0
-STALL_MS = 150.0
 
 
 @pytest.fixture(scope="module", params=list(TOPOLOGIES.values()), ids=str)
@@ -116,13 +113,7 @@ def check_timing(errors_ms: list[float], topology: Topology, what: str) -> analy
     up to four when the mixer's thread has fallen behind (a loaded machine)."""
     summary = analysis.Summary.of(errors_ms)
     report(f"{topology}: {what}", summary)
-    low = -(topology.max_lag_ms + SLACK_MS)
-    assert low < summary.median < SLACK_MS, summary
-    # Most within a few ms; one held up now and then by the shared machine.
-    earliest = -(topology.max_lag_ms + MAX_SLACK_MS)
-    near = [e for e in errors_ms if earliest < e < MAX_SLACK_MS]
-    assert len(near) >= 0.75 * len(errors_ms), summary
-    assert all(abs(e) < STALL_MS for e in errors_ms), summary
+    check_mark_timing(errors_ms, topology.max_lag_ms)
     return summary
 
 
