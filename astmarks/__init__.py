@@ -10,13 +10,15 @@ by the marks.
 Modules: :mod:`astmarks.session` (the session and what it returns),
 :mod:`astmarks.server` (a server for Asterisk to dial, a session per call),
 :mod:`astmarks.pacer` (pacing a streamed response), :mod:`astmarks.protocol`
-(parsing events, formatting commands).
+(parsing events, formatting commands), :mod:`astmarks.transport` (the
+WebSocket under a session: ``websockets``, Starlette/FastAPI, aiohttp, or a
+transport of the bot's own).
 
 The protocol itself (events and commands, plain-text and JSON) is in
 :mod:`astmarks.protocol`. The only dependency is ``websockets``.
 """
 
-from astmarks import pacer, protocol, server, session
+from astmarks import pacer, protocol, server, session, transport
 from astmarks.pacer import Pacer, PacingResult
 from astmarks.protocol import ControlFormat, Event, ProtocolError, format_command, parse_event
 from astmarks.server import serve
@@ -35,6 +37,7 @@ from astmarks.session import (
     SessionClosed,
     Status,
 )
+from astmarks.transport import Transport, TransportClosed
 
 __version__ = "0.2.0"
 
@@ -57,6 +60,8 @@ __all__ = [
     "ProtocolError",
     "SessionClosed",
     "Status",
+    "Transport",
+    "TransportClosed",
     "format_command",
     "pacer",
     "parse_event",
@@ -64,4 +69,5 @@ __all__ = [
     "serve",
     "server",
     "session",
+    "transport",
 ]

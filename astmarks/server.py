@@ -30,11 +30,11 @@ from websockets.asyncio.server import Server, ServerConnection
 from websockets.asyncio.server import serve as ws_serve
 
 from astmarks.session import DEFAULT_TIMEOUT, MediaSession, MediaSessionError
+from astmarks.transport import SUBPROTOCOL
 
 log = logging.getLogger(__name__)
 
-#: chan_websocket's WebSocket subprotocol.
-SUBPROTOCOL = "media"
+__all__ = ["SUBPROTOCOL", "serve"]
 
 
 @contextlib.asynccontextmanager

@@ -40,10 +40,8 @@ from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, TypeVar
 
-from websockets.asyncio.connection import Connection
-from websockets.exceptions import ConnectionClosed
-
 from astmarks.protocol import ControlFormat, Event, ProtocolError, format_command, parse_event
+from astmarks.transport import Transport, TransportClosed, as_transport
 
 log = logging.getLogger(__name__)
 
@@ -234,7 +232,7 @@ class MediaSession:
 
     def __init__(
         self,
-        connection: Connection,
+        connection: object,
         *,
         timeout: float = DEFAULT_TIMEOUT,
         audio_buffer: int = 500,
@@ -242,15 +240,21 @@ class MediaSession:
         flow_control: bool = True,
         name: str | None = None,
     ) -> None:
-        """*timeout*: the default of every await (s). *audio_buffer*: how many of
-        the caller's audio messages :meth:`audio` keeps unread (the oldest go
-        first). *on_event*: called with every event, as it is read.
+        """*connection*: the bot's WebSocket, from ``websockets``, Starlette
+        (FastAPI) or aiohttp, or a :class:`~astmarks.transport.Transport`
+        (see :mod:`astmarks.transport`). *timeout*: the default of every
+        await (s). *audio_buffer*: how many of the caller's audio messages
+        :meth:`audio` keeps unread (the oldest go first). *on_event*: called
+        with every event, as it is read.
         *flow_control*: :meth:`send_audio` waits while Asterisk's queue is
         nearly full (``MEDIA_XOFF`` to ``MEDIA_XON``). *name*: the session's
         name in the log (debug: every command and event), by default the
         start of the connection's id."""
+        #: The WebSocket as the bot passed it.
         self.connection = connection
-        self.name = name or connection.id.hex[:8]
+        #: What the session reads and writes it through.
+        self.transport: Transport = as_transport(connection)
+        self.name = name or self.transport.label
         #: The most media :meth:`send_audio` puts in one message (0: no limit).
         self.max_message = MAX_MESSAGE
         self.timeout = timeout
@@ -316,7 +320,7 @@ class MediaSession:
     async def aclose(self) -> None:
         """Close the connection and stop reading; whatever still waits gets SessionClosed."""
         with contextlib.suppress(Exception):
-            await self.connection.close()
+            await self.transport.close()
         if self._reader is not None:
             with contextlib.suppress(TimeoutError, asyncio.CancelledError):
                 await asyncio.wait_for(asyncio.shield(self._reader), 2.0)
@@ -364,19 +368,21 @@ class MediaSession:
         """Read the connection until it closes (:meth:`start` runs this in a task;
         a bot may instead run it itself)."""
         try:
-            async for message in self.connection:
+            await self.transport.open()
+            while True:
+                message = await self.transport.receive()
                 if isinstance(message, str):
                     self._on_text(message)
                 else:
                     self._on_audio(bytes(message))
                 async with self._changed:
                     self._changed.notify_all()
-        except ConnectionClosed:
+        except TransportClosed:
             pass
         except Exception:
             log.exception("astmarks: reading the connection failed; the session ends")
         finally:
-            self.close_code = getattr(self.connection, "close_code", None)
+            self.close_code = self.transport.close_code
             self._closed_down()
             async with self._changed:
                 self._changed.notify_all()
@@ -642,12 +648,12 @@ class MediaSession:
             raise SessionClosed(f"the call ended (code {self.close_code})")
         try:
             async with asyncio.timeout(self.timeout):
-                await self.connection.send(message)
+                await self.transport.send(message)
         except TimeoutError:
             raise MediaTimeout(
                 f"sending did not complete within {self.timeout:.1f} s: the connection is stuck"
             ) from None
-        except ConnectionClosed as exc:
+        except TransportClosed as exc:
             raise SessionClosed(f"the call ended while sending: {exc}") from exc
 
     async def answer(self) -> None:

@@ -57,6 +57,9 @@ class BotSession(MediaSession):
     nor splits a message too large for Asterisk (tests send one on purpose).
     """
 
+    #: The ``websockets`` connection itself: tests reach into it.
+    connection: Connection
+
     def __init__(self, connection: Connection, tag: str | None = None) -> None:
         """*tag*: the call's tag, where the URI has none (a bot that connected in)."""
         request = connection.request

@@ -96,11 +96,12 @@ class DemoBot(Service):
 
         # The call's tag (the harness's v(call=...) dial option), to name the
         # session in the log.
-        tag = parse_qs(urlsplit(connection.request.path if connection.request else "").query)
+        path = connection.request.path if connection.request else "/"
+        tag = parse_qs(urlsplit(path).query)
         name = tag.get("call", [f"call-{call}"])[-1]
         async with MediaSession(connection, on_event=follow, name=name) as session:
             try:
-                await self._converse(call, session)
+                await self._converse(call, session, path)
             except MediaSessionError as exc:
                 log.info("call %d: ended early: %s", call, exc)
             except Exception:
@@ -108,10 +109,9 @@ class DemoBot(Service):
                 with contextlib.suppress(Exception):
                     await session.command("HANGUP")
 
-    async def _converse(self, call: int, session: MediaSession) -> None:
+    async def _converse(self, call: int, session: MediaSession, path: str) -> None:
         assert self._prompt is not None, "bot not started"
         caps = await session.started()
-        path = session.connection.request.path if session.connection.request else "/"
         log.info("call %d: connected (%s): %s", call, path, caps.fields)
         pacer = Pacer(session)
         playing = asyncio.create_task(pacer.play(tts.speak(self._prompt.ulaw)))

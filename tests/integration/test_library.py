@@ -1,7 +1,8 @@
 """The client library (astmarks) on real calls, as a bot author uses it.
 
 The bot here is served by :func:`astmarks.serve` (a ``websockets`` server,
-a :class:`astmarks.MediaSession` per call), nothing of the rig's; Asterisk
+a :class:`astmarks.MediaSession` per call), or by FastAPI or aiohttp
+(tests/webbots.py), nothing of the rig's; Asterisk
 dials it, a real SIP phone is the caller, and what the library says is held
 against the RTP the caller got.
 """
@@ -9,72 +10,41 @@ against the RTP the caller got.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from websockets.asyncio.server import Server
 
-import astmarks
 from astmarks import (
     DriverError,
+    Flushed,
     MarkCleared,
     MarkPlayed,
+    MarkResult,
     MediaSession,
     MediaTimeout,
     SessionClosed,
+    Status,
 )
 from astmarks.pacer import Pacer
 from astmarks.protocol import ControlFormat
 from harness import audio
 from harness.caller import SipPhone
 from harness.capture import RtpPacket
-from harness.ports import LOOPBACK
 from harness.timing import units
 from tests.conftest import check_mark_timing, report
 from tests.integration.ownbot import asterisk_for, call
+from tests.webbots import WebBot, web_bot
 
 pytestmark = pytest.mark.integration
 
 
-class OwnBot:
-    """A bot of the test's own, served by :func:`astmarks.serve`: each call's
-    session goes to the test, which drives it; the handler holds it open
-    until the call ends."""
-
-    def __init__(self) -> None:
-        self.sessions: asyncio.Queue[MediaSession] = asyncio.Queue()
-        self._serving: contextlib.AbstractAsyncContextManager[Server] | None = None
-        self._server: Server | None = None
-
-    @property
-    def uri(self) -> str:
-        assert self._server is not None
-        port = next(iter(self._server.sockets)).getsockname()[1]
-        return f"ws://{LOOPBACK}:{port}/media"
-
-    async def _call(self, session: MediaSession) -> None:
-        await self.sessions.put(session)
-        await session.closed.wait()
-
-    async def __aenter__(self) -> OwnBot:
-        self._serving = astmarks.serve(self._call, LOOPBACK, 0, timeout=units(10))
-        self._server = await self._serving.__aenter__()
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        assert self._serving is not None
-        await self._serving.__aexit__(None, None, None)
-
-    async def session(self) -> MediaSession:
-        return await asyncio.wait_for(self.sessions.get(), units(10))
-
-
 @pytest.fixture
-async def own_bot() -> AsyncIterator[OwnBot]:
-    async with OwnBot() as bot:
+async def own_bot() -> AsyncIterator[WebBot]:
+    """A bot of the test's own, served by :func:`astmarks.serve`."""
+    async with web_bot("websockets", timeout=units(10)) as bot:
         yield bot
 
 
@@ -88,11 +58,62 @@ def departure(packets: list[RtpPacket], index: int) -> float:
     return next(p.t for p in packets if audio.frame_index(p.payload) == index)
 
 
+@dataclass
+class Played:
+    """What the library said in :func:`marks_then_barge_in`."""
+
+    played: list[MarkResult]
+    flushed: Flushed
+    cleared: MarkResult
+    status: Status
+
+
+async def marks_then_barge_in(s: MediaSession) -> Played:
+    """Five marks 100 ms apart, then 2 s queued behind a mark, flushed half
+    a second in (a barge-in)."""
+    marks = []
+    for i in range(5):
+        await s.send_audio(audio.tagged_frames(i * 5, 5))
+        marks.append(await s.mark(f"m{i}"))
+    played = [await m for m in marks]
+    await s.send_audio(audio.tagged_frames(100, 100))
+    behind = await s.mark("behind")
+    await asyncio.sleep(0.5)
+    flushed = await s.flush()
+    cleared = await behind
+    status = await s.status()
+    await asyncio.sleep(0.2)
+    return Played(played, flushed, cleared, status)
+
+
+def check_against_rtp(said: Played, packets: list[RtpPacket], what: str) -> None:
+    """Positions exact, each MarkPlayed timed by its frame's RTP, the flush's
+    position the RTP's to the frame."""
+    assert all(isinstance(r, MarkPlayed) for r in said.played)
+    assert [r.played_ms for r in said.played] == [100, 200, 300, 400, 500]
+    errors = [
+        (r.t - departure(packets, i * 5 + 4)) * 1000
+        for i, r in enumerate(said.played)
+        if isinstance(r, MarkPlayed)
+    ]
+    report(f"library: MarkPlayed - RTP of its frame ({what})", [f"{e:+.2f}" for e in errors])
+    check_mark_timing(errors)
+    assert isinstance(said.cleared, MarkCleared) and said.cleared.reason == "flush"
+    flushed = said.flushed
+    heard_ms = flushed.played_ms - 500
+    on_rtp = frames_heard(packets, 100, 199) * audio.FRAME_MS
+    report(f"library: flush heard ({what})", f"{heard_ms:.0f} ms, RTP {on_rtp} ms")
+    assert heard_ms == on_rtp, "MEDIA_FLUSHED's position is the RTP's, to the frame"
+    assert heard_ms + flushed.discarded_ms == 2000
+    assert not flushed.estimated and flushed.cleared_marks == 1
+    assert said.status.pending_marks == 0 and said.status.queued_ms == 0
+
+
 async def test_marks_positions_and_flush_match_the_rtp(
     install: Path,
     phone: SipPhone,
     capture_ok: None,
-    own_bot: OwnBot,
+    own_bot: WebBot,
     fmt: ControlFormat,
 ) -> None:
     async with (
@@ -103,40 +124,37 @@ async def test_marks_positions_and_flush_match_the_rtp(
         caps = await s.started()
         assert caps.marks and caps.control_format is fmt
         assert (caps.codec, caps.optimal_frame_size, caps.ptime) == ("ulaw", 160, 20)
-        marks = []
-        for i in range(5):
-            await s.send_audio(audio.tagged_frames(i * 5, 5))
-            marks.append(await s.mark(f"m{i}"))
-        played = [await m for m in marks]
-        # Barge-in: 2 s queued behind a mark, flushed half a second in.
-        await s.send_audio(audio.tagged_frames(100, 100))
-        behind = await s.mark("behind")
-        await asyncio.sleep(0.5)
-        flushed = await s.flush()
-        cleared = await behind
-        status = await s.status()
-        await asyncio.sleep(0.2)
-    assert all(isinstance(r, MarkPlayed) for r in played)
-    assert [r.played_ms for r in played] == [100, 200, 300, 400, 500]
-    errors = [
-        (r.t - departure(live.packets, i * 5 + 4)) * 1000
-        for i, r in enumerate(played)
-        if isinstance(r, MarkPlayed)
-    ]
-    report(f"library: MarkPlayed - RTP of its frame ({fmt.value})", [f"{e:+.2f}" for e in errors])
-    check_mark_timing(errors)
-    assert isinstance(cleared, MarkCleared) and cleared.reason == "flush"
-    heard_ms = flushed.played_ms - 500
-    on_rtp = frames_heard(live.packets, 100, 199) * audio.FRAME_MS
-    report(f"library: flush heard ({fmt.value})", f"{heard_ms:.0f} ms, RTP {on_rtp} ms")
-    assert heard_ms == on_rtp, "MEDIA_FLUSHED's position is the RTP's, to the frame"
-    assert heard_ms + flushed.discarded_ms == 2000
-    assert not flushed.estimated and flushed.cleared_marks == 1
-    assert status.pending_marks == 0 and status.queued_ms == 0
+        said = await marks_then_barge_in(s)
+    check_against_rtp(said, live.packets, fmt.value)
+
+
+@pytest.mark.parametrize("framework", ["fastapi", "aiohttp"])
+async def test_a_bot_served_by_fastapi_or_aiohttp(
+    install: Path, phone: SipPhone, capture_ok: None, framework: str
+) -> None:
+    """The session over another framework's WebSocket: the same marks and
+    flush, and the caller hanging up ends what waits."""
+    async with (
+        web_bot(framework, timeout=units(10)) as bot,
+        asterisk_for(install, bot.uri, f"library-{framework}") as asterisk,
+        call(asterisk, phone) as live,
+    ):
+        s = await bot.session()
+        assert (await s.started()).marks
+        said = await marks_then_barge_in(s)
+        await s.send_audio(audio.tagged_frames(200, 100))
+        pending = await s.mark("pending")
+        await live.sip.hangup()
+        assert isinstance(await pending, MarkCleared)
+        await s.wait_closed()
+        with pytest.raises(SessionClosed):
+            await s.status()
+    check_against_rtp(said, live.packets, framework)
+    assert s.close_code is not None, "the close code read from the framework"
 
 
 async def test_bad_input_timeouts_progress_and_hangup(
-    install: Path, phone: SipPhone, capture_ok: None, own_bot: OwnBot
+    install: Path, phone: SipPhone, capture_ok: None, own_bot: WebBot
 ) -> None:
     async with (
         asterisk_for(install, own_bot.uri, "library") as asterisk,
@@ -176,7 +194,7 @@ async def test_bad_input_timeouts_progress_and_hangup(
 
 
 async def test_a_refused_mark_raises_the_drivers_error(
-    install: Path, phone: SipPhone, capture_ok: None, own_bot: OwnBot
+    install: Path, phone: SipPhone, capture_ok: None, own_bot: WebBot
 ) -> None:
     async with (
         asterisk_for(install, own_bot.uri, "library") as asterisk,
@@ -198,7 +216,7 @@ async def test_on_upstream_it_falls_back_and_says_so_once(
     upstream_install: Path,
     phone: SipPhone,
     capture_ok: None,
-    own_bot: OwnBot,
+    own_bot: WebBot,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     with caplog.at_level(logging.WARNING, logger="astmarks"):
@@ -240,7 +258,7 @@ async def _frames(first: int, count: int, per_chunk: int = 5) -> AsyncIterator[b
 
 
 async def test_the_pacer_interrupts_this_response_wherever_it_is(
-    install: Path, phone: SipPhone, capture_ok: None, own_bot: OwnBot
+    install: Path, phone: SipPhone, capture_ok: None, own_bot: WebBot
 ) -> None:
     async with (
         asterisk_for(install, own_bot.uri, "library") as asterisk,
