@@ -20,6 +20,10 @@ timeout (the session's ``timeout`` by default) and raises
 :class:`SessionClosed`; an ``ERROR`` about a mark fails that mark with
 :class:`DriverError`. Nothing waits forever.
 
+Several tasks may use one session (one streams, another flushes on
+barge-in): messages go out one at a time, and what the session counts (a
+mark's offset, which answer is whose) follows their order on the wire.
+
 A driver without ``MARK`` (Asterisk as released) is found out once, at
 :meth:`MediaSession.started`, and said once in the log: marks then use
 ``MARK_MEDIA`` (acknowledged one ptime late, without positions), and
@@ -30,6 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import itertools
 import logging
 import re
@@ -289,6 +294,10 @@ class MediaSession:
         self._reports = 0  # positions reported so far
         self._drained = 0  # QUEUE_DRAINED so far
         self._xoff = False
+        # One message on its way at a time: the order on the wire is the
+        # order of the bookkeeping (a mark's offset, an answer's place in
+        # line), whichever tasks send.
+        self._sending = asyncio.Lock()
         self._audio: deque[bytes] = deque(maxlen=audio_buffer)
         self._audio_dropped = 0
         self._reader: asyncio.Task[None] | None = None
@@ -617,23 +626,36 @@ class MediaSession:
         await self._command(name, argument, **extra)
 
     async def _command(
-        self, name: str, argument: str | int | None = None, **extra: Any
+        self,
+        name: str,
+        argument: str | int | None = None,
+        _before: Callable[[], None] | None = None,
+        _after: Callable[[], None] | None = None,
+        **extra: Any,
     ) -> asyncio.Future[Any] | None:
-        """Send a command; the future its answer resolves, for those answered."""
+        """Send a command; the future its answer resolves, for those answered.
+        *_before* and *_after* run just before and after it goes on the wire,
+        no other message between."""
         text = format_command(self.format, name, argument, **extra)
         loop = asyncio.get_running_loop()
         answer: asyncio.Future[Any] | None = None
-        if name == "GET_STATUS":
-            answer = loop.create_future()
-            self._statuses.append(answer)
-        elif name == "FLUSH_MEDIA" and self.marks:  # opted in: MEDIA_FLUSHED comes
-            answer = loop.create_future()
-            self._flushes.append(answer)
-        elif name == "SET_MEDIA_DIRECTION":
-            direction = extra.get("direction", argument)
-            self._refusable_from = self._serial if direction == "in" else None
+
+        def book() -> None:
+            nonlocal answer
+            if _before is not None:
+                _before()
+            if name == "GET_STATUS":
+                answer = loop.create_future()
+                self._statuses.append(answer)
+            elif name == "FLUSH_MEDIA" and self.marks:  # opted in: MEDIA_FLUSHED comes
+                answer = loop.create_future()
+                self._flushes.append(answer)
+            elif name == "SET_MEDIA_DIRECTION":
+                direction = extra.get("direction", argument)
+                self._refusable_from = self._serial if direction == "in" else None
+
         try:
-            await self._send(text)
+            await self._send(text, before=book, after=_after)
         except BaseException:
             for queue in (self._statuses, self._flushes):
                 if answer in queue:
@@ -641,14 +663,26 @@ class MediaSession:
             raise
         return answer
 
-    async def _send(self, message: str | bytes) -> None:
-        if isinstance(message, str):
-            log.debug("session %s: -> %s", self.name, message)
+    async def _send(
+        self,
+        message: str | bytes,
+        before: Callable[[], None] | None = None,
+        after: Callable[[], None] | None = None,
+    ) -> None:
+        """Send one message, *before* and *after* run next to it on the wire."""
         if self.closed.is_set():
             raise SessionClosed(f"the call ended (code {self.close_code})")
         try:
-            async with asyncio.timeout(self.timeout):
+            async with asyncio.timeout(self.timeout), self._sending:
+                if self.closed.is_set():
+                    raise SessionClosed(f"the call ended (code {self.close_code})")
+                if before is not None:
+                    before()
+                if isinstance(message, str):
+                    log.debug("session %s: -> %s", self.name, message)
                 await self.transport.send(message)
+                if after is not None:
+                    after()
         except TimeoutError:
             raise MediaTimeout(
                 f"sending did not complete within {self.timeout:.1f} s: the connection is stuck"
@@ -677,11 +711,13 @@ class MediaSession:
         step = max(frame, self.max_message // frame * frame) if self.max_message else len(data)
         for at in range(0, len(data), max(step, 1)):
             piece = data[at : at + step]
-            await self._send(piece)
-            self.bytes_sent += len(piece)
-            self._aligned_bytes += len(piece)
-            now = time.time()
-            self._play_end = max(self._play_end, now) + len(piece) / self._bytes_per_ms() / 1000
+            await self._send(piece, after=functools.partial(self._count_sent, len(piece)))
+
+    def _count_sent(self, size: int) -> None:
+        self.bytes_sent += size
+        self._aligned_bytes += size
+        now = time.time()
+        self._play_end = max(self._play_end, now) + size / self._bytes_per_ms() / 1000
 
     @property
     def partial_frame_bytes(self) -> int:
@@ -699,8 +735,9 @@ class MediaSession:
             await self._changed.wait_for(condition)
 
     async def mark(self, mark_id: str | None = None) -> Mark:
-        """Place a mark after the media sent so far; await the :class:`Mark`
-        for its result. *mark_id*: 1 to 64 visible ASCII characters (one is
+        """Place a mark after the media sent so far (by any task: its
+        ``offset`` is the media before it on the wire); await the
+        :class:`Mark` for its result. *mark_id*: 1 to 64 visible ASCII characters (one is
         made up if not given); ValueError if it is not one, or is pending."""
         caps = self._need_started()
         if mark_id is None:
@@ -709,16 +746,26 @@ class MediaSession:
             raise ValueError(f"a mark id is 1 to 64 visible ASCII characters: {mark_id!r}")
         if mark_id in self._marks:
             raise ValueError(f"mark {mark_id!r} is already pending")
-        mark = Mark(self, mark_id, self.bytes_sent, self._serial)
-        self._serial += 1
-        self._marks[mark_id] = mark
+        placed: list[Mark] = []
+
+        def place() -> None:
+            # Here, next to the MARK on the wire: the media sent before it
+            # is all counted, even what another task was sending.
+            if mark_id in self._marks:
+                raise ValueError(f"mark {mark_id!r} is already pending")
+            mark = Mark(self, mark_id, self.bytes_sent, self._serial)
+            self._serial += 1
+            self._marks[mark_id] = mark
+            placed.append(mark)
+
         try:
-            await self.command("MARK" if caps.marks else "MARK_MEDIA", mark_id)
+            await self._command("MARK" if caps.marks else "MARK_MEDIA", mark_id, _before=place)
         except SessionClosed as exc:
-            self._marks.pop(mark_id, None)
-            mark._fail(exc)
+            for mark in placed:
+                self._marks.pop(mark_id, None)
+                mark._fail(exc)
             raise
-        return mark
+        return placed[0]
 
     @property
     def pending_marks(self) -> list[Mark]:
@@ -733,30 +780,34 @@ class MediaSession:
         pending marks are cleared by the session (``inferred``).
         """
         caps = self._need_started()
-        now = time.time()
-        played = self.clock_played_ms(now)
-        discarded = max(0.0, self._play_end - now) * 1000
-        if not caps.marks:
-            await self.command("FLUSH_MEDIA")
-            played_bytes = self.bytes_sent - discarded * self._bytes_per_ms()
-            self._clock_flushed(discarded)
-            for mark in list(self._marks.values()):
-                # Its media played by the clock: MEDIA_MARK_PROCESSED was
-                # on its way (a ptime late), and the flush took it.
-                result: MarkResult = (
-                    MarkPlayed(mark.mark_id, None, None, None, now, inferred=True)
-                    if mark.offset <= played_bytes
-                    else MarkCleared(mark.mark_id, "flush", None, None, now, inferred=True)
-                )
-                self._settle(mark.mark_id, result)
-            flushed = Flushed("flush", played, discarded, 0, now, estimated=True)
-            self._set_position(Position(played, 0.0, now, estimated=True))
-            return flushed
-        answer = await self._command("FLUSH_MEDIA")
-        assert answer is not None
-        self._clock_flushed(discarded)
-        result_: Flushed = await self._wait(asyncio.shield(answer), timeout, "MEDIA_FLUSHED")
-        return result_
+        # The clock's view when FLUSH_MEDIA goes on the wire, no media after it.
+        at: dict[str, float] = {}
+
+        def flushing() -> None:
+            now = at["now"] = time.time()
+            at["played"] = self.clock_played_ms(now)
+            at["discarded"] = max(0.0, self._play_end - now) * 1000
+            at["played_bytes"] = self.bytes_sent - at["discarded"] * self._bytes_per_ms()
+            self._clock_flushed(at["discarded"])
+
+        answer = await self._command("FLUSH_MEDIA", _after=flushing)
+        if caps.marks:
+            assert answer is not None
+            result_: Flushed = await self._wait(asyncio.shield(answer), timeout, "MEDIA_FLUSHED")
+            return result_
+        now = at["now"]
+        for mark in list(self._marks.values()):
+            # Its media played by the clock: MEDIA_MARK_PROCESSED was on its
+            # way (a ptime late), and the flush took it.
+            result: MarkResult = (
+                MarkPlayed(mark.mark_id, None, None, None, now, inferred=True)
+                if mark.offset <= at["played_bytes"]
+                else MarkCleared(mark.mark_id, "flush", None, None, now, inferred=True)
+            )
+            self._settle(mark.mark_id, result)
+        flushed = Flushed("flush", at["played"], at["discarded"], 0, now, estimated=True)
+        self._set_position(Position(at["played"], 0.0, now, estimated=True))
+        return flushed
 
     def _clock_flushed(self, discarded_ms: float) -> None:
         self._lost_ms += discarded_ms

@@ -17,6 +17,7 @@ from websockets.asyncio.server import ServerConnection, serve
 
 from astmarks import MediaSession, MediaTimeout, SessionClosed
 from astmarks.pacer import Pacer
+from astmarks.transport import Transport, TransportClosed
 
 #: The far end's connection, for the test to drive.
 Far = asyncio.Queue[ServerConnection]
@@ -211,3 +212,55 @@ async def _answer_marks(peer: ServerConnection) -> None:
             await peer.send(f"MARK_PLAYED seq:1 played_ms:0 queued_ms:0 id:{mark_id}")
         elif message == "GET_STATUS":
             await peer.send(STATUS.format(played=0))
+
+
+class SlowWire(Transport):
+    """A transport whose every send takes a moment (a busy socket), and which
+    answers ``GET_STATUS`` as a driver with MARK does."""
+
+    def __init__(self) -> None:
+        self.incoming: asyncio.Queue[str | None] = asyncio.Queue()
+        self.wire: list[str | bytes] = []
+
+    async def receive(self) -> str | bytes:
+        message = await self.incoming.get()
+        if message is None:
+            raise TransportClosed(1000)
+        return message
+
+    async def send(self, message: str | bytes) -> None:
+        await asyncio.sleep(0.001)
+        self.wire.append(message)
+        if message == "GET_STATUS":
+            self.incoming.put_nowait(STATUS.format(played=0))
+
+    async def close(self) -> None:
+        self.incoming.put_nowait(None)
+
+
+async def test_a_mark_placed_while_another_task_sends_counts_what_went_before_it() -> None:
+    """The offset of a mark placed by one task while another sends a long
+    chunk in pieces is the media before the MARK on the wire, to the byte."""
+    wire = SlowWire()
+    wire.incoming.put_nowait("MEDIA_START connection_id:c channel:WebSocket/x format:ulaw")
+    async with MediaSession(wire, timeout=5) as s:
+        await s.started()
+        await _marks_while_sending(s, wire)
+
+
+async def _marks_while_sending(s: MediaSession, wire: SlowWire) -> None:
+    sending = asyncio.create_task(s.send_audio(b"\xff" * 400_000))
+    marks = []
+    while not sending.done():
+        marks.append(await s.mark())
+    await sending
+    before: dict[str, int] = {}
+    sent = 0
+    for message in wire.wire:
+        if isinstance(message, bytes):
+            sent += len(message)
+        elif message.startswith("MARK "):
+            before[message.split()[1]] = sent
+    assert len(marks) >= 5, "marks placed between the pieces"
+    assert [m.offset for m in marks] == [before[m.mark_id] for m in marks]
+    assert s.bytes_sent == 400_000
