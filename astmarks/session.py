@@ -256,7 +256,7 @@ class MediaSession:
         name in the log (debug: every command and event), by default the
         start of the connection's id."""
         #: The WebSocket as the bot passed it.
-        self.connection = connection
+        self.connection: Any = connection
         #: What the session reads and writes it through.
         self.transport: Transport = as_transport(connection)
         self.name = name or self.transport.label
@@ -301,6 +301,7 @@ class MediaSession:
         self._audio: deque[bytes] = deque(maxlen=audio_buffer)
         self._audio_dropped = 0
         self._reader: asyncio.Task[None] | None = None
+        self._opening: asyncio.Future[None] | None = None
         self._probe: asyncio.Task[bool] | None = None
         # The clock: when what was sent so far will have played (time.time()).
         self._play_end = 0.0
@@ -311,6 +312,10 @@ class MediaSession:
 
     async def __aenter__(self) -> MediaSession:
         self.start()
+        # Open (a Starlette WebSocket: accepted) before the bot sends; if it
+        # fails, the reader says how and the session is closed.
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(asyncio.shield(self._open()), self.timeout)
         return self
 
     async def __aexit__(
@@ -320,6 +325,12 @@ class MediaSession:
         tb: TracebackType | None,
     ) -> None:
         await self.aclose()
+
+    def _open(self) -> asyncio.Future[None]:
+        """The transport's :meth:`~astmarks.transport.Transport.open`, once."""
+        if self._opening is None:
+            self._opening = asyncio.ensure_future(self.transport.open())
+        return self._opening
 
     def start(self) -> None:
         """Start reading the connection in a task (``async with`` does it)."""
@@ -377,7 +388,7 @@ class MediaSession:
         """Read the connection until it closes (:meth:`start` runs this in a task;
         a bot may instead run it itself)."""
         try:
-            await self.transport.open()
+            await asyncio.shield(self._open())
             while True:
                 message = await self.transport.receive()
                 if isinstance(message, str):
@@ -673,16 +684,18 @@ class MediaSession:
         if self.closed.is_set():
             raise SessionClosed(f"the call ended (code {self.close_code})")
         try:
-            async with asyncio.timeout(self.timeout), self._sending:
-                if self.closed.is_set():
-                    raise SessionClosed(f"the call ended (code {self.close_code})")
-                if before is not None:
-                    before()
-                if isinstance(message, str):
-                    log.debug("session %s: -> %s", self.name, message)
-                await self.transport.send(message)
-                if after is not None:
-                    after()
+            async with asyncio.timeout(self.timeout):
+                await asyncio.shield(self._open())
+                async with self._sending:
+                    if self.closed.is_set():
+                        raise SessionClosed(f"the call ended (code {self.close_code})")
+                    if before is not None:
+                        before()
+                    if isinstance(message, str):
+                        log.debug("session %s: -> %s", self.name, message)
+                    await self.transport.send(message)
+                    if after is not None:
+                        after()
         except TimeoutError:
             raise MediaTimeout(
                 f"sending did not complete within {self.timeout:.1f} s: the connection is stuck"

@@ -11,18 +11,29 @@ hands it:
 - an aiohttp WebSocket (``web.WebSocketResponse`` prepared with
   ``protocols=("media",)``, or the client's ``ClientWebSocketResponse``).
 
-Anything else works once wrapped in a subclass of :class:`Transport`. None of
-these libraries is imported unless the bot passes one of its WebSockets: the
-library still needs only ``websockets``.
+A connection that drops without a close frame ends with close code 1006
+(uvicorn says 1005). Anything else works once wrapped in a subclass of
+:class:`Transport`; :func:`as_transport` refuses what it does not know with a
+TypeError (a synchronous connection among them). The library imports none
+of these frameworks (it recognises their WebSockets among the modules the bot
+imported): it still needs only ``websockets``.
 """
 
 from __future__ import annotations
 
 import abc
 import logging
-from typing import Any
+import sys
+from typing import TYPE_CHECKING, Any
 
 from websockets.exceptions import ConnectionClosed
+
+if TYPE_CHECKING:  # the frameworks are the bot's, not the library's dependencies
+    from aiohttp.client_ws import ClientWebSocketResponse
+    from aiohttp.web_ws import WebSocketResponse
+    from starlette.websockets import WebSocket as StarletteWebSocket
+
+    AiohttpWebSocket = WebSocketResponse | ClientWebSocketResponse
 
 log = logging.getLogger(__name__)
 
@@ -106,11 +117,12 @@ class WebsocketsTransport(Transport):
 class StarletteTransport(Transport):
     """A Starlette WebSocket: what a FastAPI ``@app.websocket`` endpoint gets.
 
-    The session accepts it (with the ``media`` subprotocol when Asterisk asks
-    for it, as it does) unless the endpoint did already.
+    :meth:`open` accepts it (with the ``media`` subprotocol when Asterisk asks
+    for it, as it does) unless the endpoint did already; the session opens
+    its transport before anything is sent.
     """
 
-    def __init__(self, websocket: Any) -> None:
+    def __init__(self, websocket: StarletteWebSocket) -> None:
         self.websocket = websocket
         self._close_code: int | None = None
 
@@ -120,50 +132,72 @@ class StarletteTransport(Transport):
 
     @property
     def label(self) -> str:
-        client = getattr(self.websocket, "client", None)
-        return f"{client[0]}:{client[1]}" if client else super().label
+        client = self.websocket.client
+        return f"{client.host}:{client.port}" if client else super().label
+
+    def _closed(self, code: int | None, why: object) -> TransportClosed:
+        if self._close_code is None:  # the first code says what happened
+            self._close_code = code
+        return TransportClosed(self._close_code, str(why))
+
+    def _disconnected(self) -> bool:
+        return "DISCONNECTED" in (
+            self.websocket.client_state.name,
+            self.websocket.application_state.name,
+        )
 
     async def open(self) -> None:
-        if self.websocket.client_state.name == "CONNECTING":
-            offered = self.websocket.scope.get("subprotocols") or []
+        from starlette.websockets import WebSocketDisconnect
+
+        if self.websocket.application_state.name != "CONNECTING":
+            return  # accepted (or closed) by the endpoint
+        offered = self.websocket.scope.get("subprotocols") or []
+        try:
             await self.websocket.accept(subprotocol=SUBPROTOCOL if SUBPROTOCOL in offered else None)
+        except WebSocketDisconnect as exc:
+            raise self._closed(exc.code, exc) from exc
+        except (OSError, RuntimeError) as exc:
+            if not self._disconnected() and not isinstance(exc, OSError):
+                raise
+            raise self._closed(1006, exc) from exc
 
     async def receive(self) -> str | bytes:
         try:
             message = await self.websocket.receive()
-        except RuntimeError as exc:  # receive() after the disconnect
-            raise TransportClosed(self.close_code, str(exc)) from exc
+        except (OSError, RuntimeError) as exc:
+            if not self._disconnected() and not isinstance(exc, OSError):
+                raise
+            raise self._closed(1006, exc) from exc
         if message["type"] == "websocket.disconnect":
-            self._close_code = message.get("code")
-            raise TransportClosed(self.close_code, message.get("reason") or "")
+            raise self._closed(message.get("code"), message.get("reason") or "")
         text = message.get("text")
         if text is not None:
             return str(text)
         return bytes(message.get("bytes") or b"")
 
     async def send(self, message: str | bytes) -> None:
+        from starlette.websockets import WebSocketDisconnect
+
         try:
             if isinstance(message, str):
                 await self.websocket.send_text(message)
             else:
                 await self.websocket.send_bytes(message)
-        except (RuntimeError, OSError) as exc:  # after a close; the peer gone
-            raise TransportClosed(self.close_code, str(exc)) from exc
-        except Exception as exc:
-            if type(exc).__name__ != "WebSocketDisconnect":
-                raise
-            self._close_code = getattr(exc, "code", None)
-            raise TransportClosed(self.close_code, str(exc)) from exc
+        except WebSocketDisconnect as exc:  # the peer is gone
+            raise self._closed(exc.code, exc) from exc
+        except (OSError, RuntimeError) as exc:
+            if not self._disconnected() and not isinstance(exc, OSError):
+                raise  # not a closed WebSocket: a mistake, not the call's end
+            raise self._closed(1006, exc) from exc
 
     async def close(self) -> None:
-        if "DISCONNECTED" in (
-            self.websocket.client_state.name,
-            self.websocket.application_state.name,
-        ):
+        from starlette.websockets import WebSocketDisconnect
+
+        if self._disconnected():
             return
         try:
             await self.websocket.close(1000)
-        except (RuntimeError, OSError) as exc:
+        except (WebSocketDisconnect, OSError, RuntimeError) as exc:
             log.debug("astmarks: closing the WebSocket: %s", exc)
 
 
@@ -171,22 +205,28 @@ class AiohttpTransport(Transport):
     """An aiohttp WebSocket: ``web.WebSocketResponse`` (prepared) or
     ``ClientWebSocketResponse``."""
 
-    def __init__(self, websocket: Any) -> None:
+    def __init__(self, websocket: AiohttpWebSocket) -> None:
         self.websocket = websocket
 
     @property
     def close_code(self) -> int | None:
-        code: int | None = self.websocket.close_code
-        return code
+        return self.websocket.close_code
 
     async def receive(self) -> str | bytes:
         while True:
-            message = await self.websocket.receive()
+            if self.websocket.closed:
+                raise TransportClosed(self.close_code, "the WebSocket is closed")
+            try:
+                message = await self.websocket.receive()
+            except TimeoutError as exc:  # the WebSocket's receive_timeout
+                await self.close()
+                raise TransportClosed(self.close_code, "no message within receive_timeout") from exc
             kind = message.type.name
-            if kind == "TEXT":
-                return str(message.data)
-            if kind == "BINARY":
-                return bytes(message.data)
+            if kind in ("TEXT", "BINARY"):
+                data = message.data
+                if kind == "TEXT":  # bytes with ws_connect(decode_text=False)
+                    return data.decode() if isinstance(data, (bytes, bytearray)) else str(data)
+                return bytes(data)
             if kind in ("CLOSE", "CLOSING", "CLOSED", "ERROR"):
                 error = self.websocket.exception()
                 raise TransportClosed(self.close_code, str(error or message.extra or ""))
@@ -200,30 +240,47 @@ class AiohttpTransport(Transport):
                 await self.websocket.send_str(message)
             else:
                 await self.websocket.send_bytes(message)
-        except (ConnectionError, RuntimeError) as exc:
+        except ConnectionError as exc:
             raise TransportClosed(self.close_code, str(exc)) from exc
 
     async def close(self) -> None:
         await self.websocket.close()
 
 
+def _classes(*where: tuple[str, str]) -> tuple[type, ...]:
+    """The classes named, from the modules already imported (none is imported here)."""
+    found = []
+    for module, name in where:
+        kind = getattr(sys.modules.get(module), name, None)
+        if isinstance(kind, type):
+            found.append(kind)
+    return tuple(found)
+
+
 def as_transport(websocket: object) -> Transport:
     """The :class:`Transport` for *websocket*; TypeError if it is none of the
-    kinds above."""
+    kinds above (or an aiohttp response not prepared yet)."""
     if isinstance(websocket, Transport):
         return websocket
-    kind = type(websocket)
-    module = kind.__module__.split(".")[0]
-    if module == "websockets" or (hasattr(websocket, "recv") and hasattr(websocket, "send")):
-        return WebsocketsTransport(websocket)
-    if module in ("starlette", "fastapi") or (
-        hasattr(websocket, "send_text") and hasattr(websocket, "receive_text")
+    if isinstance(
+        websocket,
+        _classes(
+            ("websockets.asyncio.connection", "Connection"),
+            ("websockets.legacy.protocol", "WebSocketCommonProtocol"),
+        ),
     ):
-        return StarletteTransport(websocket)
-    if module == "aiohttp" or (hasattr(websocket, "send_str") and hasattr(websocket, "receive")):
-        return AiohttpTransport(websocket)
+        return WebsocketsTransport(websocket)
+    if isinstance(websocket, _classes(("starlette.websockets", "WebSocket"))):
+        return StarletteTransport(websocket)  # type: ignore[arg-type]
+    if isinstance(websocket, _classes(("aiohttp.web_ws", "WebSocketResponse"))):
+        if not websocket.prepared:  # type: ignore[attr-defined]
+            raise TypeError("astmarks: await websocket.prepare(request) before the session")
+        return AiohttpTransport(websocket)  # type: ignore[arg-type]
+    if isinstance(websocket, _classes(("aiohttp.client_ws", "ClientWebSocketResponse"))):
+        return AiohttpTransport(websocket)  # type: ignore[arg-type]
+    kind = type(websocket)
     raise TypeError(
         f"astmarks: cannot use a {kind.__module__}.{kind.__qualname__} as a WebSocket: "
-        "pass a websockets, Starlette (FastAPI) or aiohttp WebSocket, "
+        "pass an asyncio WebSocket from websockets, Starlette (FastAPI) or aiohttp, "
         "or wrap it in a subclass of astmarks.transport.Transport"
     )

@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 from websockets.asyncio.client import ClientConnection, connect
+from websockets.asyncio.server import ServerConnection, serve
 from websockets.typing import Subprotocol
 
 from astmarks import MediaSession, SessionClosed
@@ -97,6 +98,51 @@ async def test_a_connection_dropped_without_a_close_ends_the_session(bot: WebBot
         await asyncio.wait_for(s.closed.wait(), 5)
         with pytest.raises(SessionClosed):
             await s.command("GET_STATUS")
+        # No close frame: 1006, or 1005 as uvicorn says it.
+        assert s.close_code in (1005, 1006)
+
+
+@pytest.mark.parametrize("framework", FRAMEWORKS)
+async def test_a_bot_may_send_the_moment_its_session_is_open(framework: str) -> None:
+    """Before MEDIA_START, before anything is read (Starlette: accepted first)."""
+    async with web_bot(framework, timeout=5, first="ANSWER") as bot, dialled(bot) as (far, _):
+        assert await asyncio.wait_for(far.recv(), 5) == "ANSWER"
+
+
+async def test_a_bot_that_connects_in_with_aiohttp() -> None:
+    """Asterisk as the server (WebSocket/INCOMING), the bot an aiohttp client,
+    text left undecoded by aiohttp (decode_text=False)."""
+    import aiohttp
+
+    async def asterisk(connection: ServerConnection) -> None:
+        await connection.send(MEDIA_START)
+        assert await connection.recv() == "GET_STATUS"
+        await connection.close(1000)
+
+    async with serve(asterisk, "127.0.0.1", 0, subprotocols=[Subprotocol("media")]) as server:
+        port = next(iter(server.sockets)).getsockname()[1]
+        events: list[str] = []
+        async with (
+            aiohttp.ClientSession() as http,
+            http.ws_connect(
+                f"ws://127.0.0.1:{port}/media/c", protocols=("media",), decode_text=False
+            ) as ws,
+            MediaSession(ws, timeout=5, on_event=lambda e: events.append(e.raw)) as s,
+        ):
+            assert isinstance(s.transport, AiohttpTransport)
+            await s.command("GET_STATUS")
+            await s.wait_closed()
+    assert events == [MEDIA_START], "text as str, not bytes"
+    assert s.close_code == 1000
+
+
+async def test_an_aiohttp_response_not_prepared_is_refused_clearly() -> None:
+    from aiohttp import web
+
+    with pytest.raises(TypeError, match=r"prepare\(request\)"):
+        as_transport(web.WebSocketResponse())
+    with pytest.raises(TypeError, match=r"aiohttp\.web_app\.Application as a WebSocket"):
+        as_transport(web.Application())
 
 
 def test_something_that_is_no_websocket_is_refused_clearly() -> None:

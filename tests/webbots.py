@@ -29,19 +29,26 @@ class WebBot:
     framework: str
     uri: str = ""
     sessions: asyncio.Queue[MediaSession] = field(default_factory=asyncio.Queue)
+    #: A command each handler sends the moment its session is open, if any.
+    first: str | None = None
 
     async def session(self) -> MediaSession:
         return await asyncio.wait_for(self.sessions.get(), units(10))
 
     async def hold(self, session: MediaSession) -> None:
+        if self.first is not None:
+            await session.command(self.first)
         await self.sessions.put(session)
         await session.closed.wait()
 
 
 @contextlib.asynccontextmanager
-async def web_bot(framework: str, timeout: float = 10.0) -> AsyncIterator[WebBot]:
-    """A bot served by *framework* (one of :data:`FRAMEWORKS`)."""
-    bot = WebBot(framework)
+async def web_bot(
+    framework: str, timeout: float = 10.0, first: str | None = None
+) -> AsyncIterator[WebBot]:
+    """A bot served by *framework* (one of :data:`FRAMEWORKS`), sending
+    *first* as soon as each session is open."""
+    bot = WebBot(framework, first=first)
     serving = {"websockets": _websockets, "fastapi": _fastapi, "aiohttp": _aiohttp}[framework]
     async with serving(bot, timeout) as port:
         bot.uri = f"ws://{LOOPBACK}:{port}/media"
