@@ -387,6 +387,7 @@ class MediaSession:
     async def run(self) -> None:
         """Read the connection until it closes (:meth:`start` runs this in a task;
         a bot may instead run it itself)."""
+        ended: int | None = None
         try:
             await asyncio.shield(self._open())
             while True:
@@ -397,12 +398,13 @@ class MediaSession:
                     self._on_audio(bytes(message))
                 async with self._changed:
                     self._changed.notify_all()
-        except TransportClosed:
-            pass
+        except TransportClosed as exc:
+            ended = exc.code
         except Exception:
             log.exception("astmarks: reading the connection failed; the session ends")
         finally:
-            self.close_code = self.transport.close_code
+            code = self.transport.close_code
+            self.close_code = code if code is not None else ended
             self._closed_down()
             async with self._changed:
                 self._changed.notify_all()

@@ -22,10 +22,10 @@ from astmarks.transport import (
     AiohttpTransport,
     StarletteTransport,
     Transport,
-    TransportClosed,
     WebsocketsTransport,
     as_transport,
 )
+from tests.test_session import SlowWire
 from tests.webbots import FRAMEWORKS, WebBot, web_bot
 
 MEDIA_START = "MEDIA_START connection_id:c channel:WebSocket/x channel_id:1 format:ulaw"
@@ -151,31 +151,13 @@ def test_something_that_is_no_websocket_is_refused_clearly() -> None:
 
 
 async def test_a_transport_of_the_bots_own() -> None:
-    """Anything else: a subclass of Transport (here, two queues)."""
-
-    class Queues(Transport):
-        def __init__(self) -> None:
-            self.incoming: asyncio.Queue[str | bytes | None] = asyncio.Queue()
-            self.outgoing: list[str | bytes] = []
-
-        async def receive(self) -> str | bytes:
-            message = await self.incoming.get()
-            if message is None:
-                raise TransportClosed(1000)
-            return message
-
-        async def send(self, message: str | bytes) -> None:
-            self.outgoing.append(message)
-
-        async def close(self) -> None:
-            self.incoming.put_nowait(None)
-
-    queues = Queues()
+    """Anything else: a subclass of Transport (here, queues in memory)."""
+    wire = SlowWire()
     seen = asyncio.Event()
-    async with MediaSession(queues, timeout=5, on_event=lambda _: seen.set()) as s:
-        assert s.transport is queues
-        queues.incoming.put_nowait(MEDIA_START)
+    async with MediaSession(wire, timeout=5, on_event=lambda _: seen.set()) as s:
+        assert s.transport is wire
+        wire.incoming.put_nowait(MEDIA_START)
         await asyncio.wait_for(seen.wait(), 5)
         await s.command("GET_STATUS")
-    assert queues.outgoing == ["GET_STATUS"]
-    assert s.closed.is_set() and s.close_code is None
+    assert wire.wire == ["GET_STATUS"]
+    assert s.closed.is_set() and s.close_code == 1000
