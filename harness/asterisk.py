@@ -85,10 +85,11 @@ class Asterisk(Service):
         name: str = "asterisk",
         ari: bool = False,
         wrapper: Sequence[str] = (),
+        connect_attempts: int = 1,
     ) -> None:
         """*ari*: ARI on, for :attr:`ari_settings` (and what ARI topologies need);
         *wrapper*: a command Asterisk runs under (valgrind, say), which must
-        exec it in the same process."""
+        exec it in the same process; *connect_attempts*: per call, to the bot."""
         self.name = name
         self.wrapper = tuple(wrapper)
         self.install = install
@@ -110,6 +111,7 @@ class Asterisk(Service):
             debug=debug,
             required=required,
             ari_users=((ARI_USER, secrets.token_hex(8)),) if ari else (),
+            connect_attempts=connect_attempts,
         )
         self.process: asyncio.subprocess.Process | None = None
         self._console: Path = self.sandbox / "console.log"

@@ -336,7 +336,12 @@ async def link_rig(install: Path, workdir: Path, phone: PhonePool) -> AsyncItera
     """
     async with NetNs() as ns:
         bot = BotServer(ns.ns_ip, sock=ns.listening_socket())
-        async with Rig(install, workdir, phone=phone, bot=bot, name="asterisk-link") as rig:
+        # Across a lossy link a lost SYN waits out a retransmission (1 s), as
+        # long as Asterisk's connection timeout: it tries again, as an
+        # operator would have it do across a WAN.
+        async with Rig(
+            install, workdir, phone=phone, bot=bot, name="asterisk-link", connect_attempts=3
+        ) as rig:
             yield LinkRig(ns, rig)
 
 

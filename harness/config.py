@@ -150,6 +150,10 @@ class AsteriskSettings:
     console_verbose: bool = False
     #: Load every module the install has (a deployment) instead of :data:`MODULES`.
     autoload: bool = False
+    #: Attempts to connect to a bot per call (websocket_client.conf
+    #: ``reconnect_attempts``): 1 fails a call at once when the bot is not
+    #: there; across a lossy link a lost SYN outlasts the 1 s timeout.
+    connect_attempts: int = 1
     #: Where Asterisk's HTTP server (ARI, inbound WebSockets) listens.
     http_bind: str = LOOPBACK
     #: ARI users as (name, password); ARI is off without any.
@@ -251,7 +255,7 @@ connection_type = per_call_config
 uri = {uri}
 protocols = media
 connection_timeout = 1000
-reconnect_attempts = 1
+reconnect_attempts = {s.connect_attempts}
 reconnect_interval = 200
 """
         for name, uri in s.bots

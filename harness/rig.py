@@ -138,12 +138,15 @@ class Rig(Service):
         ari: bool = False,
         asterisk_wrapper: Sequence[str] = (),
         boot_timeout: float | None = None,
+        connect_attempts: int = 1,
     ) -> None:
         """*bot* is the bot server Asterisk dials (default: one on loopback);
         *ari*: ARI on, and the ARI app of the topologies that need it;
         *asterisk_wrapper*: a command Asterisk runs under (valgrind), with
-        *boot_timeout* s to boot (default: :meth:`Asterisk.start`'s)."""
+        *boot_timeout* s to boot (default: :meth:`Asterisk.start`'s);
+        *connect_attempts*: Asterisk's attempts per call to reach the bot."""
         self.asterisk_wrapper = tuple(asterisk_wrapper)
+        self.connect_attempts = connect_attempts
         self.boot_timeout = boot_timeout
         if install is None and services is None:
             raise ValueError("a rig needs an Asterisk install or running services")
@@ -200,6 +203,7 @@ class Rig(Service):
                 name=self.name,
                 ari=self.want_ari,
                 wrapper=self.asterisk_wrapper,
+                connect_attempts=self.connect_attempts,
             )
             await self.asterisk.start(self.boot_timeout)
             self.sip_port = self.asterisk.sip_port
