@@ -146,6 +146,14 @@ class StarletteTransport(Transport):
             self.websocket.application_state.name,
         )
 
+    def _lost(self, exc: OSError | RuntimeError) -> TransportClosed:
+        """*exc* as the connection's end (1006): the socket failed, or the
+        WebSocket is closed. A RuntimeError on an open WebSocket is a
+        mistake, not the call's end: raised again."""
+        if isinstance(exc, RuntimeError) and not self._disconnected():
+            raise exc
+        return self._closed(1006, exc)
+
     async def open(self) -> None:
         from starlette.websockets import WebSocketDisconnect
 
@@ -157,17 +165,13 @@ class StarletteTransport(Transport):
         except WebSocketDisconnect as exc:
             raise self._closed(exc.code, exc) from exc
         except (OSError, RuntimeError) as exc:
-            if not self._disconnected() and not isinstance(exc, OSError):
-                raise
-            raise self._closed(1006, exc) from exc
+            raise self._lost(exc) from exc
 
     async def receive(self) -> str | bytes:
         try:
             message = await self.websocket.receive()
         except (OSError, RuntimeError) as exc:
-            if not self._disconnected() and not isinstance(exc, OSError):
-                raise
-            raise self._closed(1006, exc) from exc
+            raise self._lost(exc) from exc
         if message["type"] == "websocket.disconnect":
             raise self._closed(message.get("code"), message.get("reason") or "")
         text = message.get("text")
@@ -186,9 +190,7 @@ class StarletteTransport(Transport):
         except WebSocketDisconnect as exc:  # the peer is gone
             raise self._closed(exc.code, exc) from exc
         except (OSError, RuntimeError) as exc:
-            if not self._disconnected() and not isinstance(exc, OSError):
-                raise  # not a closed WebSocket: a mistake, not the call's end
-            raise self._closed(1006, exc) from exc
+            raise self._lost(exc) from exc
 
     async def close(self) -> None:
         from starlette.websockets import WebSocketDisconnect
