@@ -21,7 +21,7 @@ _POSITIONAL_KEY = {
 }
 # Keys whose value runs to the end of the line: free text, and mark ids, which
 # the patched driver puts last because a MARK_MEDIA id may contain spaces.
-_REST_OF_LINE_KEYS = frozenset({"error_text", "id"})
+_REST_OF_LINE_KEYS = frozenset({"error_text", "id", "correlation_id"})
 _KEY_RE = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*):(.*)$")
 
 # How each command's argument is named in the JSON format.

@@ -24,10 +24,13 @@ Several tasks may use one session (one streams, another flushes on
 barge-in): messages go out one at a time, and what the session counts (a
 mark's offset, which answer is whose) follows their order on the wire.
 
-A driver without ``MARK`` (Asterisk as released) is found out once, at
-:meth:`MediaSession.started`, and said once in the log: marks then use
-``MARK_MEDIA`` (acknowledged one ptime late, without positions), and
-positions come from a clock: the time since the audio was sent.
+Marks are ``MARK_MEDIA``. On a driver with mark positions mode (this
+project's), the session turns the mode on (``REPORT_MARK_POSITIONS``) and each
+mark is answered in the tick that hands its audio to the call, with positions.
+A driver without it (Asterisk as released) is found out once, at
+:meth:`MediaSession.started`, and said once in the log: marks are then
+acknowledged one ptime late, without positions, and positions come from a
+clock: the time since the audio was sent. Either way the log says which.
 """
 
 from __future__ import annotations
@@ -88,7 +91,7 @@ class DriverError(MediaSessionError):
 
 @dataclass(frozen=True)
 class Capabilities:
-    """What ``MEDIA_START`` said, and whether the driver has ``MARK``."""
+    """What ``MEDIA_START`` said, and whether the driver has mark positions mode."""
 
     channel: str
     channel_id: str
@@ -98,8 +101,8 @@ class Capabilities:
     optimal_frame_size: int
     ptime: int
     control_format: ControlFormat
-    #: ``MARK``, ``MARK_PLAYED`` and positions (this project's driver); False:
-    #: ``MARK_MEDIA`` and a clock.
+    #: Mark positions mode: ``MARK_MEDIA`` answered exactly, with positions
+    #: (this project's driver); False: ``MARK_MEDIA`` one ptime late, and a clock.
     marks: bool
     #: Every field of ``MEDIA_START`` as the wire carried it.
     fields: dict[str, Any] = field(default_factory=dict)
@@ -456,24 +459,27 @@ class MediaSession:
             self.format = event.format
             if not self._media_start.done():
                 self._media_start.set_result(event)
-        elif name == "MARK_PLAYED":
+        elif name in ("MARK_PLAYED", "MEDIA_MARK_PROCESSED") and "played_ms" in event.fields:
+            # MARK_MEDIA in mark positions mode (what the session places), or MARK.
+            mark_id = event.mark_id or ""
             self._report(event)
-            self._settle(
-                event.get_str("id"),
-                MarkPlayed(
-                    event.get_str("id"),
-                    event.get_int("played_ms"),
-                    event.get_int("queued_ms"),
-                    event.get_int("seq"),
-                    event.t,
-                ),
-            )
+            if name == "MARK_PLAYED" or mark_id in self._marks:
+                self._settle(
+                    mark_id,
+                    MarkPlayed(
+                        mark_id,
+                        event.get_int("played_ms"),
+                        event.get_int("queued_ms"),
+                        event.get_int("seq"),
+                        event.t,
+                    ),
+                )
         elif name == "MEDIA_MARK_PROCESSED":
             mark_id = event.get_str("correlation_id")
             if mark_id in self._marks:  # one of ours (the fallback), not the app's own
                 self._settle(mark_id, MarkPlayed(mark_id, None, None, None, event.t))
-        elif name == "MARK_CLEARED":
-            mark_id = event.get_str("id")
+        elif name in ("MARK_CLEARED", "MEDIA_MARK_CLEARED"):
+            mark_id = event.mark_id or ""
             played = event.get_int("played_ms")
             self._settle(
                 mark_id,
@@ -572,9 +578,9 @@ class MediaSession:
     async def started(self, timeout: float | None = None) -> Capabilities:
         """``MEDIA_START`` and whether the driver has ``MARK`` (asked once).
 
-        Asking sends ``REPORT_PROGRESS 0`` (the opt-in to this project's
-        events, asking for none) and ``GET_STATUS``: a driver with ``MARK``
-        answers with positions. A driver without says nothing of the first
+        Asking sends ``REPORT_MARK_POSITIONS`` (the opt-in to mark positions
+        mode) and ``GET_STATUS``: a driver with the mode answers with
+        positions. A driver without says nothing of the first
         and answers the second as always; the session then falls back, and
         says so once in the log.
         """
@@ -607,22 +613,27 @@ class MediaSession:
             )
             if str(event.get("passthrough", "")).lower() == "true":
                 self._refusable_from = 0  # no MARK in passthrough mode
-            if not marks:
+            if marks:
+                log.info(
+                    "astmarks: mark positions mode: MARK_MEDIA is answered in the tick "
+                    "that hands its audio over, with positions"
+                )
+            else:
                 log.warning(
-                    "astmarks: this Asterisk's chan_websocket has no MARK: marks fall back "
-                    "to MARK_MEDIA (acknowledged one ptime late, without positions) and "
-                    "positions to a clock"
+                    "astmarks: this Asterisk's chan_websocket has no mark positions mode: "
+                    "MARK_MEDIA is acknowledged one ptime late, without positions, and "
+                    "positions come from a clock"
                 )
         return self.capabilities
 
     async def _probe_marks(self, timeout: float | None) -> bool:
-        await self.command("REPORT_PROGRESS", 0)
+        await self.command("REPORT_MARK_POSITIONS")
         status = await self.status(timeout)
         return status.pending_marks is not None
 
     @property
     def marks(self) -> bool:
-        """The driver has MARK (known once :meth:`started` returned)."""
+        """The driver has mark positions mode (known once :meth:`started` returned)."""
         return self.capabilities is not None and self.capabilities.marks
 
     def _need_started(self) -> Capabilities:
@@ -754,7 +765,7 @@ class MediaSession:
         ``offset`` is the media before it on the wire); await the
         :class:`Mark` for its result. *mark_id*: 1 to 64 visible ASCII characters (one is
         made up if not given); ValueError if it is not one, or is pending."""
-        caps = self._need_started()
+        self._need_started()
         if mark_id is None:
             mark_id = f"astm-{next(self._ids)}"
         if not MARK_ID.fullmatch(mark_id):
@@ -774,7 +785,10 @@ class MediaSession:
             placed.append(mark)
 
         try:
-            await self._command("MARK" if caps.marks else "MARK_MEDIA", mark_id, _before=place)
+            # MARK_MEDIA either way: in mark positions mode it is answered in
+            # the tick that hands its audio over, with positions; without the
+            # mode, one ptime late, and the clock gives the positions.
+            await self._command("MARK_MEDIA", mark_id, _before=place)
         except SessionClosed as exc:
             for mark in placed:
                 self._marks.pop(mark_id, None)

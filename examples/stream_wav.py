@@ -13,8 +13,8 @@ The file is 16-bit mono PCM; it is sent in the call's format (``ulaw``,
 chunks queued in Asterisk: it sends the next chunk when the mark of the one
 ``--ahead`` back has been played, so a file of any length streams with a
 bounded queue. Each chunk's line says where in the call it finished playing
-and how long after it was sent; on an Asterisk without MARK, marks fall back
-to MARK_MEDIA (one ptime late, no positions) and the bot says so.
+and how long after it was sent; on an Asterisk without mark positions mode,
+MARK_MEDIA is answered one ptime late without positions, and the bot says so.
 """
 
 from __future__ import annotations
@@ -72,7 +72,9 @@ async def stream(session: MediaSession, pcm: bytes, rate: int, args: argparse.Na
     print(
         f"call {caps.channel}: {caps.codec}, {caps.ptime} ms frames, "
         + (
-            "MARK_PLAYED with positions" if caps.marks else "no MARK here: MARK_MEDIA, no positions"
+            "exact marks with positions"
+            if caps.marks
+            else "no mark positions mode here: MARK_MEDIA one ptime late, no positions"
         ),
         flush=True,
     )

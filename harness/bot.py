@@ -218,17 +218,17 @@ class BotSession(MediaSession):
         return await self.wait_for("STATUS", after=after, timeout=timeout)
 
     async def probe_marks(self, timeout: float | None = None) -> bool:
-        """Whether the driver has MARK; asked once per session.
+        """Whether the driver has mark positions mode (and MARK); asked once.
 
-        Sends ``REPORT_PROGRESS 0`` (the opt-in to the new events, which asks
-        for none) and ``GET_STATUS``. A driver with MARK answers with a
-        ``STATUS`` that carries ``pending_marks``; one without ignores the
-        unknown command and answers with upstream's ``STATUS``. Either way
-        nothing else is sent, so this works at any point in a call.
+        Sends ``REPORT_MARK_POSITIONS`` (the opt-in to the mode) and
+        ``GET_STATUS``. A driver with the mode answers with a ``STATUS`` that
+        carries ``pending_marks``; one without ignores the unknown command and
+        answers with upstream's ``STATUS``. Either way nothing else is sent, so
+        this works at any point in a call.
         """
         if self.marks_supported is None:
             after = len(self.events) - 1
-            await self.command("REPORT_PROGRESS", 0)
+            await self.command("REPORT_MARK_POSITIONS")
             await self.command("GET_STATUS")
             status = await self.wait_for("STATUS", after=after, timeout=timeout)
             self.marks_supported = "pending_marks" in status.fields

@@ -12,11 +12,12 @@ the answer ``docs/PROTOCOL.md`` promises for it (:class:`Answer`).
 
 - the immediate answers (ERROR, STATUS, MEDIA_FLUSHED) come in order, one per
   message that calls for one, each ERROR saying what was wrong;
-- every mark is answered exactly once (MARK_PLAYED / MEDIA_MARK_PROCESSED, or
-  MARK_CLEARED), no id is answered that was not sent;
-- every position is exact: a MARK_PLAYED's ``played_ms`` is the media sent
-  before its MARK, and a STATUS's or MEDIA_FLUSHED's played plus queued (or
-  discarded) is the media sent before it, to the millisecond;
+- every mark is answered exactly once (MARK_PLAYED or MARK_CLEARED, and
+  MEDIA_MARK_PROCESSED or MEDIA_MARK_CLEARED), no id is answered that was not sent;
+- every position is exact: a MARK_PLAYED's or MEDIA_MARK_PROCESSED's
+  ``played_ms`` is the media sent before its mark, and a STATUS's or
+  MEDIA_FLUSHED's played plus queued (or discarded) is the media sent before
+  it, to the millisecond;
 - every frame was valid (the bot's WebSocket library fails the connection on
   invalid UTF-8) and, in plain text, one line;
 - a final mark after all of it is still exact against the RTP to the caller
@@ -98,11 +99,16 @@ class Answer(enum.Enum):
     FLUSHED = "flushed"
     #: MARK_PLAYED once its media is played, or MARK_CLEARED: exactly once.
     MARK = "mark"
-    #: MEDIA_MARK_PROCESSED once its media is played, or MARK_CLEARED: exactly once.
+    #: MEDIA_MARK_PROCESSED once its media is played, or MEDIA_MARK_CLEARED: exactly once.
     MARK_MEDIA = "mark_media"
     #: MEDIA_BUFFERING_COMPLETED once its media is played, unless a flush comes first.
     BUFFERING = "buffering"
 
+
+#: The events that answer a MARK or a MARK_MEDIA in mark positions mode.
+MARK_ANSWERS = frozenset(
+    {"MARK_PLAYED", "MARK_CLEARED", "MEDIA_MARK_PROCESSED", "MEDIA_MARK_CLEARED"}
+)
 
 #: The answers that come right away, in the order of the messages.
 IMMEDIATE = {Answer.ERROR: "ERROR", Answer.STATUS: "STATUS", Answer.FLUSHED: "MEDIA_FLUSHED"}
@@ -584,13 +590,14 @@ class Oracle:
             self.fail(f"{event.raw[:120]!r}: played + {other} = {total}, accepted {span} ms")
 
     def check_marks(self, events: Sequence[Event]) -> None:
-        """Every mark answered exactly once; MARK_PLAYED at the media before it."""
+        """Every mark answered exactly once, at the media before it (mark
+        positions mode: the fuzzer's session opts in before its first message)."""
         answers: Counter[tuple[str, str]] = Counter()
         played: dict[str, Event] = {}
         for event in events:
-            if event.name in ("MARK_PLAYED", "MARK_CLEARED", "MEDIA_MARK_PROCESSED"):
+            if event.name in MARK_ANSWERS:
                 answers[("mark", event.mark_id or "")] += 1
-                if event.name == "MARK_PLAYED":
+                if event.name in ("MARK_PLAYED", "MEDIA_MARK_PROCESSED"):
                     played[event.mark_id or ""] = event
             elif event.name == "MEDIA_BUFFERING_COMPLETED":
                 answers[("buffering", event.mark_id or "")] += 1
@@ -601,7 +608,8 @@ class Oracle:
                 wanted[("mark", msg.mark_id)] += 1
             elif msg.answer is Answer.BUFFERING:
                 wanted[("buffering", msg.mark_id)] += 0
-            if msg.answer is Answer.MARK and msg.mark_id in played:
+            # A MARK_MEDIA without an id shares "" with every other one.
+            if msg.answer in (Answer.MARK, Answer.MARK_MEDIA) and msg.mark_id in played:
                 event = played[msg.mark_id]
                 span = self.accepted_ms(s)
                 if span is not None and not span[0] <= event.get_int("played_ms") <= span[1]:
@@ -701,7 +709,8 @@ async def run(
     grammar = Grammar(fmt, rng)
     oracle = Oracle(fmt)
     t0 = time.monotonic()
-    await session.command("REPORT_PROGRESS", 0)  # opt in: every bad input gets an ERROR
+    # Mark positions mode: every bad input gets an ERROR, every mark a position.
+    await session.command("REPORT_MARK_POSITIONS")
     counts: Counter[str] = Counter()
     answers: Counter[str] = Counter()
     pending = _Pending(session)

@@ -75,9 +75,10 @@ def check_mark_timing(errors_ms: list[float], lag_ms: float = 0.0) -> None:
 
 
 async def send_marked_chunks(
-    session: BotSession, chunks: int, frames: int = 10
+    session: BotSession, chunks: int, frames: int = 10, command: str = "MARK"
 ) -> tuple[bytes, list[tuple[str, int]]]:
-    """Send *chunks* chunks of *frames* tagged frames, a ``MARK c<k>`` after each.
+    """Send *chunks* chunks of *frames* tagged frames, a ``MARK c<k>`` (or
+    *command*, ``MARK_MEDIA``) after each.
 
     Returns what was sent and each mark with the bytes sent before it.
     """
@@ -88,7 +89,7 @@ async def send_marked_chunks(
         await session.send_audio(chunk)
         sent += chunk
         marks.append((f"c{k}", len(sent)))
-        await session.command("MARK", f"c{k}")
+        await session.command(command, f"c{k}")
     return sent, marks
 
 

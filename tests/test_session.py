@@ -96,10 +96,10 @@ async def test_the_callers_audio_is_read_and_a_slow_reader_loses_the_oldest() ->
 
 
 async def _started(s: MediaSession, peer: ServerConnection, status: str = "") -> None:
-    """Answer MEDIA_START and the probe's GET_STATUS as a driver with MARK."""
+    """Answer MEDIA_START and the probe's GET_STATUS as a driver with mark positions mode."""
     await peer.send("MEDIA_START connection_id:c channel:WebSocket/x channel_id:1 format:ulaw")
     probing = asyncio.create_task(s.started())
-    assert await peer.recv() == "REPORT_PROGRESS 0"
+    assert await peer.recv() == "REPORT_MARK_POSITIONS"
     assert await peer.recv() == "GET_STATUS"
     await peer.send(status or STATUS.format(played=0))
     await probing
@@ -205,18 +205,21 @@ async def test_a_stalled_tts_stream_times_the_pacer_out(pair: tuple[MediaSession
 
 
 async def _answer_marks(peer: ServerConnection) -> None:
-    """Answer each MARK at once, as played, and each GET_STATUS."""
+    """Answer each MARK_MEDIA at once, as played in mark positions mode, and
+    each GET_STATUS."""
     async for message in peer:
-        if isinstance(message, str) and message.startswith("MARK "):
+        if isinstance(message, str) and message.startswith("MARK_MEDIA "):
             mark_id = message.split()[1]
-            await peer.send(f"MARK_PLAYED seq:1 played_ms:0 queued_ms:0 id:{mark_id}")
+            await peer.send(
+                f"MEDIA_MARK_PROCESSED seq:1 played_ms:0 queued_ms:0 correlation_id:{mark_id}"
+            )
         elif message == "GET_STATUS":
             await peer.send(STATUS.format(played=0))
 
 
 class SlowWire(Transport):
     """A transport whose every send takes a moment (a busy socket), and which
-    answers ``GET_STATUS`` as a driver with MARK does."""
+    answers ``GET_STATUS`` as a driver with mark positions mode does."""
 
     def __init__(self) -> None:
         self.incoming: asyncio.Queue[str | None] = asyncio.Queue()
@@ -240,7 +243,7 @@ class SlowWire(Transport):
 
 async def test_a_mark_placed_while_another_task_sends_counts_what_went_before_it() -> None:
     """The offset of a mark placed by one task while another sends a long
-    chunk in pieces is the media before the MARK on the wire, to the byte."""
+    chunk in pieces is the media before the MARK_MEDIA on the wire, to the byte."""
     wire = SlowWire()
     wire.incoming.put_nowait("MEDIA_START connection_id:c channel:WebSocket/x format:ulaw")
     async with MediaSession(wire, timeout=5) as s:
@@ -259,7 +262,7 @@ async def _marks_while_sending(s: MediaSession, wire: SlowWire) -> None:
     for message in wire.wire:
         if isinstance(message, bytes):
             sent += len(message)
-        elif message.startswith("MARK "):
+        elif message.startswith("MARK_MEDIA "):
             before[message.split()[1]] = sent
     assert len(marks) >= 5, "marks placed between the pieces"
     assert [m.offset for m in marks] == [before[m.mark_id] for m in marks]

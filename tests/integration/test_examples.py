@@ -130,11 +130,11 @@ async def test_stream_wav_on_upstream_says_there_are_no_positions(
     ):
         await program.wait_line("hanging up", units(20))
         await live.sip.wait_disconnected(timeout=units(10))
-    assert "no MARK here" in program.text
+    assert "no mark positions mode here" in program.text
     played = [line for _, line in program.lines if line.startswith("chunk ")]
     assert len(played) == 5 and all("ms after it was sent" in line for line in played)
-    assert "has no MARK" in program.text, "the library says so (once, in the log)"
-    assert program.text.count("has no MARK") == 1
+    assert "has no mark positions mode" in program.text, "the library says so (once, in the log)"
+    assert program.text.count("has no mark positions mode") == 1
 
 
 async def test_realtime_bridge_truncates_where_the_caller_stopped_hearing(

@@ -11,6 +11,8 @@ import asyncio
 import re
 import time
 
+import pytest
+
 from astmarks.protocol import ControlFormat
 from harness import analysis, audio
 from harness.rig import Rig
@@ -158,7 +160,7 @@ async def test_flush_resolves_every_mark_and_reports_the_position(
     assert 200 <= played_ms <= 400
 
 
-async def test_flushed_mark_media_gets_mark_cleared(rig: Rig, fmt: ControlFormat) -> None:
+async def test_flushed_mark_media_gets_media_mark_cleared(rig: Rig, fmt: ControlFormat) -> None:
     """Once an app has opted in, its MARK_MEDIA marks are answered exactly once too."""
     async with rig.call(control_format=fmt) as call:
         s = call.session
@@ -166,7 +168,7 @@ async def test_flushed_mark_media_gets_mark_cleared(rig: Rig, fmt: ControlFormat
         await s.send_audio(audio.tagged_frames(0, 50))
         await s.command("MARK_MEDIA", "legacy")
         await s.command("FLUSH_MEDIA")
-        cleared = await s.wait_for("MARK_CLEARED")
+        cleared = await s.wait_for("MEDIA_MARK_CLEARED")
         await s.wait_for("MEDIA_FLUSHED")
     assert cleared.mark_id == "legacy"
     assert not call.session.named("MEDIA_MARK_PROCESSED")
@@ -636,3 +638,109 @@ async def test_stop_buffering_drops_a_fragment_and_says_so(rig: Rig) -> None:
     assert "STOP_MEDIA_BUFFERING: the last 1 bytes were dropped" in error.get_str("error_text")
     heard = b"".join(p.payload for p in call.packets)
     assert heard == first + second, "the second prompt is not shifted by the dropped byte"
+
+
+# --- mark positions mode: MARK_MEDIA, exact --------------------------------------------
+
+#: How a channel enters mark positions mode: the bot's command, or the dial
+#: option (from the dialplan, or from ARI's transport_data).
+OPT_INS = ("command", "dial-option")
+
+
+@pytest.mark.parametrize("opt_in", OPT_INS)
+async def test_mark_positions_mode_makes_mark_media_exact(
+    rig: Rig, fmt: ControlFormat, opt_in: str
+) -> None:
+    """In mark positions mode MEDIA_MARK_PROCESSED goes out in the tick that
+    hands the frame before it to the core, with the mark's sequence number and
+    positions; the dial option says so in MEDIA_START, the command does not
+    need to."""
+    async with rig.call(control_format=fmt, options="m" if opt_in == "dial-option" else "") as call:
+        s = call.session
+        start = s.media_start
+        assert start is not None
+        if opt_in == "command":
+            assert "mark_positions" not in start.fields
+            await s.command("REPORT_MARK_POSITIONS")
+        else:
+            assert start.get_bool("mark_positions") is True
+        sent, marks = await send_marked_chunks(s, 8, command="MARK_MEDIA")
+        await s.wait_mark("c7", timeout=5)
+    processed = s.named("MEDIA_MARK_PROCESSED")
+    assert [e.mark_id for e in processed] == [f"c{k}" for k in range(8)]
+    assert [e.get_int("seq") for e in processed] == list(range(1, 9))
+    assert [e.get_int("played_ms") for e in processed] == [200 * (k + 1) for k in range(8)]
+    assert processed[-1].get_int("queued_ms") == 0
+    if fmt is ControlFormat.PLAIN:
+        assert processed[0].raw.startswith("MEDIA_MARK_PROCESSED seq:1 played_ms:200 queued_ms:")
+        assert processed[0].raw.endswith(" correlation_id:c0")
+    else:
+        assert set(processed[0].fields) == {
+            "channel_id",
+            "correlation_id",
+            "seq",
+            "played_ms",
+            "queued_ms",
+        }
+    assert not s.named("MARK_PLAYED")
+    timings = analysis.acked_mark_timings(sent, marks, processed, call.packets)
+    errors = [t.error_ms for t in timings]
+    assert None not in errors, f"every mark acknowledged and its frame seen: {timings}"
+    exact = [e for e in errors if e is not None]
+    report(
+        f"MEDIA_MARK_PROCESSED - RTP, mark positions mode ({fmt.value}, {opt_in})",
+        analysis.Summary.of(exact),
+    )
+    check_mark_timing(exact)
+
+
+async def test_mark_positions_mode_clears_mark_media_with_its_own_event(
+    rig: Rig, fmt: ControlFormat
+) -> None:
+    """A flush answers every pending MARK_MEDIA with MEDIA_MARK_CLEARED, which
+    carries the mark's correlation_id as MEDIA_MARK_PROCESSED does, then
+    MEDIA_FLUSHED; a MARK beside them keeps its own events."""
+    async with rig.call(control_format=fmt, options="m") as call:
+        s = call.session
+        await s.send_audio(audio.tagged_frames(0, 5))
+        await s.command("MARK_MEDIA", "heard")
+        await s.send_audio(audio.tagged_frames(5, 50))
+        await s.command("MARK_MEDIA", "first words")
+        await s.command("MARK", "req")
+        await s.command("MARK_MEDIA")
+        await s.wait_mark("heard")
+        await asyncio.sleep(0.2)
+        await s.command("FLUSH_MEDIA")
+        flushed = await s.wait_for("MEDIA_FLUSHED")
+    cleared = s.named("MEDIA_MARK_CLEARED")
+    assert [e.mark_id for e in cleared] == ["first words", ""]
+    assert [e.get_str("reason") for e in cleared] == ["flush", "flush"]
+    assert [e.get_int("seq") for e in cleared] == [2, 4]
+    assert [e.mark_id for e in s.named("MARK_CLEARED")] == ["req"]
+    assert flushed.get_int("cleared_marks") == 3
+    assert all(e.get_int("played_ms") == flushed.get_int("played_ms") for e in cleared)
+    if fmt is ControlFormat.PLAIN:
+        assert cleared[0].raw.endswith(" correlation_id:first words")
+        assert cleared[1].raw.endswith(" correlation_id:")
+
+
+async def test_without_the_mode_mark_media_and_media_start_are_upstreams(
+    rig: Rig, fmt: ControlFormat
+) -> None:
+    """REPORT_PROGRESS asks for MEDIA_PROGRESS only: it does not turn the mode on."""
+    async with rig.call(control_format=fmt) as call:
+        s = call.session
+        await s.command("REPORT_PROGRESS", 100)
+        await s.send_audio(audio.tagged_frames(0, 10))
+        await s.command("MARK_MEDIA", "plain")
+        done = await s.wait_mark("plain")
+        await s.send_audio(audio.tagged_frames(10, 50))
+        await s.command("MARK_MEDIA", "dropped")
+        await s.command("FLUSH_MEDIA")
+        await s.command("GET_STATUS")
+        status = await s.wait_for("STATUS")
+    assert "mark_positions" not in s.media_start.fields  # type: ignore[union-attr]
+    assert done.name == "MEDIA_MARK_PROCESSED" and "played_ms" not in done.fields
+    assert "pending_marks" not in status.fields
+    assert not s.named("MEDIA_MARK_CLEARED", "MEDIA_FLUSHED", "MARK_CLEARED")
+    assert s.named("MEDIA_PROGRESS"), "REPORT_PROGRESS still works on its own"
