@@ -744,3 +744,37 @@ async def test_without_the_mode_mark_media_and_media_start_are_upstreams(
     assert "pending_marks" not in status.fields
     assert not s.named("MEDIA_MARK_CLEARED", "MEDIA_FLUSHED", "MARK_CLEARED")
     assert s.named("MEDIA_PROGRESS"), "REPORT_PROGRESS still works on its own"
+
+
+async def test_in_the_mode_a_mark_behind_stop_media_buffering_does_not_wait(
+    rig: Rig, fmt: ControlFormat
+) -> None:
+    """In mark positions mode STOP_MEDIA_BUFFERING's mark is exact too (its
+    event unchanged): a MARK_MEDIA right behind it is answered in the tick
+    that hands the media over, not one ptime later."""
+    errors: list[float] = []
+    async with rig.call(control_format=fmt, options="m") as call:
+        s = call.session
+        sent = b""
+        marks: list[tuple[str, int]] = []
+        for k in range(4):
+            await s.command("START_MEDIA_BUFFERING")
+            chunk = audio.tagged_frames(k * 10, 10)
+            await s.send_audio(chunk)
+            sent += chunk
+            await s.command("STOP_MEDIA_BUFFERING", f"buf{k}")
+            await s.command("MARK_MEDIA", f"after{k}")
+            marks.append((f"after{k}", len(sent)))
+            await s.wait_mark(f"after{k}", timeout=5)
+    completed = s.named("MEDIA_BUFFERING_COMPLETED")
+    assert [e.mark_id for e in completed] == [f"buf{k}" for k in range(4)]
+    assert "played_ms" not in completed[0].fields, "its event is unchanged"
+    processed = s.named("MEDIA_MARK_PROCESSED")
+    timings = analysis.acked_mark_timings(sent, marks, processed, call.packets)
+    errors = [t.error_ms for t in timings if t.error_ms is not None]
+    assert len(errors) == 4, timings
+    report(
+        f"MARK_MEDIA behind STOP_MEDIA_BUFFERING - RTP, in the mode ({fmt.value})",
+        analysis.Summary.of(errors),
+    )
+    check_mark_timing(errors)
