@@ -510,6 +510,41 @@ apply_series() {
 	return 0
 }
 
+# The patch file of the series whose name starts with the number $1.
+patch_numbered() {
+	local f
+	f=$(series_patches | grep -m1 "^$1-") || die "pull-requests names patch $1, which the series has not"
+	printf '%s\n' "$f"
+}
+
+# Each pull request of $patch_dir/pull-requests alone on the pristine tree in
+# $1 (a git repository), with only the patches it names after "after" below it.
+check_pull_requests() {
+	local tree=$1 manifest=$patch_dir/pull-requests line name own after n p alone=0 total=0
+	[ -f "$manifest" ] || return 0
+	while read -r line; do
+		name=${line%%:*}
+		line=${line#*:}
+		own=$(xargs <<<"${line%%after*}")
+		after=
+		[[ $line == *after* ]] && after=$(xargs <<<"${line#*after}")
+		(cd "$tree" && git reset -q --hard && git clean -qfd)
+		for n in $after $own; do
+			p=$(patch_numbered "$n")
+			(cd "$tree" && git apply --index "$patch_dir/$p" 2>/dev/null) \
+				|| die "pull request $name: patch $p does not apply${after:+ after $after}"
+		done
+		total=$((total + 1))
+		if [ -z "$after" ]; then
+			alone=$((alone + 1))
+			log "check-patches: pull request $name ($own) applies alone"
+		else
+			log "check-patches: pull request $name ($own) applies after $after"
+		fi
+	done < <(sed -e 's/#.*//' -e 's/[[:space:]]*$//' -e '/^$/d' "$manifest")
+	log "check-patches: $total pull requests, $alone of them alone on $(source_id)"
+}
+
 check_patches() {
 	need_tools git
 	local tmp rc=0
@@ -522,7 +557,9 @@ check_patches() {
 	fi
 	(cd "$tmp/src" && git init -q . && git add -A >/dev/null \
 		&& git -c user.name=check -c user.email=check@localhost commit -qm pristine)
-	(apply_series "$tmp/src") || rc=$?
+	(check_pull_requests "$tmp/src" && cd "$tmp/src" && git reset -q --hard && git clean -qfd) \
+		|| rc=$?
+	[ $rc -ne 0 ] || (apply_series "$tmp/src") || rc=$?
 	rm -rf "$tmp"
 	[ $rc -eq 0 ] || exit $rc
 	log "check-patches: the series in $patch_dir ($(series_patches | wc -l) patches) applies" \

@@ -4,6 +4,7 @@ the cache key follows the patches, and chan_websocket.c passes dev mode."""
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -388,3 +389,38 @@ def test_the_main_series_applies_to_the_pinned_master_snapshot(tmp_path: Path) -
     count = sum(1 for line in lines if line.strip() and not line.startswith("#"))
     series = ROOT / "asterisk-patch"
     assert f"the series in {series} ({count} patches) applies cleanly" in result.stderr
+
+
+def _snapshot_env() -> dict[str, str]:
+    snapshots = sorted((ROOT.parent / "shared" / "upstream").glob("asterisk-master-*.tar.xz"))
+    need(bool(snapshots), "the upstream master snapshot in ../shared/upstream/")
+    return {"ASTERISK_SOURCE": "snapshot", "ASTERISK_SNAPSHOT": str(snapshots[-1])}
+
+
+def test_each_bug_fix_pull_request_applies_alone_to_master(tmp_path: Path) -> None:
+    """asterisk-patch/pull-requests: every pull request without "after" is
+    applied alone to the pristine snapshot, and the others on what they name."""
+    result = run_check(_snapshot_env(), tmp_path)
+    assert result.returncode == 0, result.stderr
+    manifest = (ROOT / "asterisk-patch" / "pull-requests").read_text().splitlines()
+    entries = [line.split("#")[0].strip() for line in manifest]
+    pulls = [e.split(":", 1) for e in entries if e]
+    alone = [name for name, patches in pulls if "after" not in patches]
+    assert len(alone) >= 7
+    for name in alone:
+        assert re.search(rf"pull request {re.escape(name)} \(\d+\) applies alone", result.stderr), (
+            name,
+            result.stderr,
+        )
+
+
+def test_a_pull_request_that_needs_another_is_named(tmp_path: Path) -> None:
+    """A pull request that claims to apply alone but needs a patch below it fails
+    the check, naming it."""
+    patches = tmp_path / "patches"
+    shutil.copytree(ROOT / "asterisk-patch", patches, ignore=shutil.ignore_patterns("22.10"))
+    (patches / "pull-requests").write_text("fragmented-text-dropped-whole: 0007\n")
+    result = run_check({**_snapshot_env(), "ASTERISK_PATCH_DIR": str(patches)}, tmp_path)
+    assert result.returncode != 0
+    assert "pull request fragmented-text-dropped-whole" in result.stderr, result.stderr
+    assert "0007-" in result.stderr
