@@ -25,7 +25,8 @@ help:
 	@echo "                      and without, into build/master/"
 	@echo "make check-patches    check that asterisk-patch/series applies, without building"
 	@echo "                      (TREE=/path/to/asterisk or SNAPSHOT=file.tar.xz: to that source)"
-	@echo "make devcheck         compile chan_websocket.c with dev-mode flags (-Werror)"
+	@echo "make devcheck         compile chan_websocket.c with dev-mode flags (-Werror), and"
+	@echo "                      each pull request that applies alone, on master (once)"
 	@echo "make upstream-testsuite  upstream's chan_websocket tests and ours (asterisk-patch/"
 	@echo "                      testsuite) on the four builds, in a PID namespace"
 	@echo "make unit             unit tests only (no Asterisk)"
@@ -96,6 +97,7 @@ check-patches:
 devcheck: asterisk asterisk-master
 	@$(BUILD) devcheck
 	@$(MASTER_ENV) $(BUILD) devcheck
+	@$(MASTER_ENV) $(BUILD) devcheck-pulls
 
 # TOPOLOGY=ari (or dial-in, ari-in, ari-softmix, ari-third-party): the call
 # reaches the bot through an ARI app's externalMedia channel, the bot

@@ -24,6 +24,12 @@ _POSITIONAL_KEY = {
 _REST_OF_LINE_KEYS = frozenset({"error_text", "id", "correlation_id"})
 _KEY_RE = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*):(.*)$")
 
+#: The events that say a mark's audio was handed to the call: ``MARK_MEDIA``'s
+#: (with positions in mark positions mode) and ``MARK``'s.
+MARK_REACHED_EVENTS = ("MEDIA_MARK_PROCESSED", "MARK_PLAYED")
+#: The events that say a flush or the hangup discarded a mark's audio.
+MARK_CLEARED_EVENTS = ("MEDIA_MARK_CLEARED", "MARK_CLEARED")
+
 # How each command's argument is named in the JSON format.
 COMMAND_ARGUMENT_KEYS: dict[str, str] = {
     "MARK": "id",

@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from astmarks.pacer import Pacer, PacingResult, Strategy
-from astmarks.protocol import ProtocolError, parse_event
+from astmarks.protocol import MARK_CLEARED_EVENTS, MARK_REACHED_EVENTS, ProtocolError, parse_event
 from harness import analysis, audio, tts
 from harness.analysis import StreamMap, Summary, summary_dict
 from harness.bot import BotServer
@@ -286,19 +286,21 @@ def mark_reports(
     result, live = paced.result, paced.live
     if result is None or live is None or not result.marks:
         return None
-    answered = {e.mark_id: e.name for e in live.session.named("MARK_PLAYED", "MARK_CLEARED")}
+    answered = {
+        e.mark_id: e.name for e in live.session.named(*MARK_REACHED_EVENTS, *MARK_CLEARED_EVENTS)
+    }
     played = [
         (m.mark_id, m.offset - result.start_offset)
         for m in result.marks
-        if answered.get(m.mark_id) == "MARK_PLAYED"
+        if answered.get(m.mark_id) in MARK_REACHED_EVENTS
     ]
-    wire_acks, bot_acks = acks(live, ws, ("MARK_PLAYED",))
+    wire_acks, bot_acks = acks(live, ws, MARK_REACHED_EVENTS)
     wire = analysis.mark_report(played, wire_acks, stream)
     bot = analysis.mark_report(played, bot_acks, stream)
     return {
         "placed": len(result.marks),
         "played": len(played),
-        "cleared": sum(1 for m in result.marks if answered.get(m.mark_id) == "MARK_CLEARED"),
+        "cleared": sum(1 for m in result.marks if answered.get(m.mark_id) in MARK_CLEARED_EVENTS),
         "unanswered": sum(1 for m in result.marks if m.mark_id not in answered),
         "duplicated": bot.duplicated,
         "out_of_order": bot.out_of_order,

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from astmarks.pacer import Pacer
-from astmarks.protocol import ControlFormat, Event
+from astmarks.protocol import MARK_CLEARED_EVENTS, MARK_REACHED_EVENTS, ControlFormat, Event
 from harness import (
     analysis,
     audio,
@@ -53,7 +53,7 @@ DEMO_TEXT = (
 )
 
 
-ACK_EVENTS = ("MARK_PLAYED", "MEDIA_MARK_PROCESSED")
+ACK_EVENTS = MARK_REACHED_EVENTS
 
 
 class Progress:
@@ -105,7 +105,11 @@ async def demo(args: argparse.Namespace) -> int:
             session = call.session
             pacer = Pacer(session, target_ms=args.target_ms)
             caps = await session.started()
-            how = "MARK" if caps.marks else "MARK_MEDIA and a clock (no MARK here)"
+            how = (
+                "MARK_MEDIA in mark positions mode"
+                if caps.marks
+                else "MARK_MEDIA and a clock (no mark positions mode here)"
+            )
             say(
                 f"connected ({fmt.value}); streaming the prompt as a TTS engine would, "
                 f"a mark per chunk with {how}, about {args.target_ms:.0f} ms queued"
@@ -131,7 +135,7 @@ async def demo(args: argparse.Namespace) -> int:
     acks = [(e.mark_id, e.t) for e in session.named(*ACK_EVENTS) if e.mark_id]
     placed = [(m.mark_id, m.offset) for m in result.marks]
     marks = analysis.mark_report(placed, acks, stream)
-    cleared = {e.mark_id for e in session.named("MARK_CLEARED")}
+    cleared = {e.mark_id for e in session.named(*MARK_CLEARED_EVENTS)}
     unanswered = sum(1 for m, _ in placed if m not in cleared) - marks.acked
     clean = stream.lost == 0 and stream.unmatched == 0
     print()

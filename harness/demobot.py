@@ -5,7 +5,8 @@ author writes one: a ``websockets`` server whose handler wraps each
 connection in :class:`astmarks.MediaSession` and speaks through
 :class:`astmarks.pacer.Pacer`, through the library's public API only. In each
 call the bot speaks a greeting the way a bot streams text-to-speech: in
-chunks of uneven size, a ``MARK`` after each, paced by ``MARK_PLAYED``. If
+chunks of uneven size, a mark after each (``MARK_MEDIA`` in mark positions
+mode), paced by ``MEDIA_MARK_PROCESSED``. If
 the caller talks over it, the bot stops at once (``FLUSH_MEDIA``) and says
 how much of the greeting was heard, from ``MEDIA_FLUSHED``; otherwise it says
 goodbye. Then it hangs up. Every playback event is logged with its position,
@@ -24,7 +25,7 @@ from websockets.asyncio.server import Server, ServerConnection, serve
 
 from astmarks import MediaSession, MediaSessionError
 from astmarks.pacer import Pacer
-from astmarks.protocol import Event
+from astmarks.protocol import MARK_CLEARED_EVENTS, MARK_REACHED_EVENTS, Event
 from astmarks.server import SUBPROTOCOL
 from harness import audio, tts
 from harness.service import Service
@@ -38,7 +39,7 @@ GREETING = (
     "Say something while I am talking, and I will stop and tell you how much you heard."
 )
 #: The events the bot logs as they arrive.
-PLAYBACK_EVENTS = ("MARK_PLAYED", "MARK_CLEARED", "MEDIA_FLUSHED", "MEDIA_MARK_PROCESSED")
+PLAYBACK_EVENTS = (*MARK_REACHED_EVENTS, *MARK_CLEARED_EVENTS, "MEDIA_FLUSHED")
 #: RMS level (16-bit scale) above which the caller's audio counts as speech.
 SPEECH_LEVEL = 1000
 #: How long the caller must talk before the bot stops (ms).

@@ -10,6 +10,7 @@
 #   asterisk-build.sh build           build with the series -> build/asterisk
 #   asterisk-build.sh build-upstream  build without it     -> build/asterisk-upstream
 #   asterisk-build.sh devcheck        compile chan_websocket.c with dev-mode flags
+#   asterisk-build.sh devcheck-pulls  the same for each pull request that applies alone
 #   asterisk-build.sh key [upstream]  print the cache key of a build
 #
 # Environment:
@@ -510,30 +511,52 @@ apply_series() {
 	return 0
 }
 
-# The patch file of the series whose name starts with the number $1.
+# The patch file of the series whose name starts with the number $1, or $1
+# itself when it is a path in the series directory (a pull request's own
+# version of a patch, made to apply without the patches below it).
 patch_numbered() {
 	local f
+	if [[ $1 == */* ]]; then
+		[ -f "$patch_dir/$1" ] || die "pull-requests names $1, which is not in $patch_dir"
+		printf '%s\n' "$1"
+		return
+	fi
 	f=$(series_patches | grep -m1 "^$1-") || die "pull-requests names patch $1, which the series has not"
 	printf '%s\n' "$f"
 }
 
-# Each pull request of $patch_dir/pull-requests alone on the pristine tree in
-# $1 (a git repository), with only the patches it names after "after" below it.
-check_pull_requests() {
-	local tree=$1 manifest=$patch_dir/pull-requests line name own after n p alone=0 total=0
-	[ -f "$manifest" ] || return 0
+# The pull requests of $patch_dir/pull-requests, one a line: its name, its
+# own patches and the patches it needs below it, separated by '|'.
+pull_requests() {
+	local manifest=$patch_dir/pull-requests line name own after
 	while read -r line; do
 		name=${line%%:*}
 		line=${line#*:}
 		own=$(xargs <<<"${line%%after*}")
 		after=
 		[[ $line == *after* ]] && after=$(xargs <<<"${line#*after}")
+		printf '%s|%s|%s\n' "$name" "$own" "$after"
+	done < <(sed -e 's/#.*//' -e 's/[[:space:]]*$//' -e '/^$/d' "$manifest")
+}
+
+# Apply a pull request ($2: its patches, $3: those below it) to the tree in $1.
+apply_pull_request() {
+	local tree=$1 own=$2 after=$3 name=$4 n p
+	for n in $after $own; do
+		p=$(patch_numbered "$n")
+		(cd "$tree" && git apply --index "$patch_dir/$p" 2>/dev/null) \
+			|| die "pull request $name: patch $p does not apply${after:+ after $after}"
+	done
+}
+
+# Each pull request of $patch_dir/pull-requests alone on the pristine tree in
+# $1 (a git repository), with only the patches it names after "after" below it.
+check_pull_requests() {
+	local tree=$1 name own after alone=0 total=0
+	[ -f "$patch_dir/pull-requests" ] || return 0
+	while IFS='|' read -r name own after; do
 		(cd "$tree" && git reset -q --hard && git clean -qfd)
-		for n in $after $own; do
-			p=$(patch_numbered "$n")
-			(cd "$tree" && git apply --index "$patch_dir/$p" 2>/dev/null) \
-				|| die "pull request $name: patch $p does not apply${after:+ after $after}"
-		done
+		apply_pull_request "$tree" "$own" "$after" "$name"
 		total=$((total + 1))
 		if [ -z "$after" ]; then
 			alone=$((alone + 1))
@@ -541,7 +564,7 @@ check_pull_requests() {
 		else
 			log "check-patches: pull request $name ($own) applies after $after"
 		fi
-	done < <(sed -e 's/#.*//' -e 's/[[:space:]]*$//' -e '/^$/d' "$manifest")
+	done < <(pull_requests)
 	log "check-patches: $total pull requests, $alone of them alone on $(source_id)"
 }
 
@@ -835,6 +858,46 @@ devcheck() {
 	log "devcheck: ${objs[*]/%/.c} compile cleanly with -Werror and dev-mode warnings"
 }
 
+# Each pull request that is not a part of the stack (one that applies alone,
+# or a version of its own in pulls/) compiled on the pristine tree with only
+# what it names, with dev-mode flags. Done once for a set of pull requests:
+# a stamp in the cache, keyed by the manifest and the patches, says so.
+devcheck_pulls() {
+	local tree name own after o rc stamp
+	[ -f "$patch_dir/pull-requests" ] || { log "devcheck-pulls: no pull-requests in $patch_dir"; return 0; }
+	stamp=$cache/devcheck-pulls-$( (cat "$patch_dir/pull-requests" "$patch_dir"/*.patch \
+		"$patch_dir"/pulls/*.patch 2>/dev/null; source_id) | sha256sum | cut -c1-16)
+	if [ -f "$stamp" ]; then
+		log "devcheck-pulls: these pull requests compiled cleanly before ($stamp)"
+		return 0
+	fi
+	tree=$(tree_dir)
+	[ -f "$tree/.astmarks-configured" ] || build patched
+	exec 9>"$cache/build.lock"
+	flock -w 3600 9 || die "another build holds $cache/build.lock"
+	local objs=(channels/chan_websocket res/res_http_websocket)
+	while IFS='|' read -r name own after; do
+		[ -z "$after" ] || [[ $own == */* ]] || continue
+		select_flavour "$tree" upstream
+		apply_pull_request "$tree" "$own" "$after" "$name"
+		for o in "${objs[@]}"; do rm -f "$tree/$o.o" "$tree/$o.so"; done
+		rc=0
+		(cd "$tree" && make channels res AST_DEVMODE=yes ASTCFLAGS=-DAST_DEVMODE=1 NOISY_BUILD=yes) \
+			>"$tree/make-devcheck.out" 2>&1 || rc=$?
+		for o in "${objs[@]}"; do
+			[ $rc -ne 0 ] || [ -f "$tree/$o.so" ] || rc=1
+			rm -f "$tree/$o.o" "$tree/$o.so"
+		done
+		if [ $rc -ne 0 ]; then
+			grep -E 'warning|error' "$tree/make-devcheck.out" >&2 || tail -n 40 "$tree/make-devcheck.out" >&2
+			die "pull request $name does not compile cleanly in dev mode; see $tree/make-devcheck.out"
+		fi
+		log "devcheck-pulls: pull request $name ($own${after:+ after $after}) compiles cleanly with -Werror"
+	done < <(pull_requests)
+	select_flavour "$tree" upstream
+	touch "$stamp"
+}
+
 main() {
 	mkdir -p "$cache"
 	local cmd=${1:-build}
@@ -856,8 +919,9 @@ main() {
 	build) build patched ;;
 	build-upstream) build upstream ;;
 	devcheck) devcheck ;;
+	devcheck-pulls) devcheck_pulls ;;
 	key) build_key "${2:-patched}" ;;
-	*) die "unknown command '$cmd' (fetch, check-patches, build, build-upstream, devcheck, key)" ;;
+	*) die "unknown command '$cmd' (fetch, check-patches, build, build-upstream, devcheck, devcheck-pulls, key)" ;;
 	esac
 }
 

@@ -23,6 +23,12 @@ from typing import Any
 
 import pytest
 
+from astmarks.protocol import (
+    MARK_CLEARED_EVENTS,
+    MARK_REACHED_EVENTS,
+    ProtocolError,
+    parse_event,
+)
 from harness.ari import Ari, AriSettings
 from harness.caller import CallHandle, SipPhone
 from harness.capture import RtpCapture, RtpPacket
@@ -177,14 +183,17 @@ class MarkFates:
         for line in lines:
             if m := _SENT.search(line):
                 words = m["text"].split()
-                if m["tag"] == tag and words[:1] == ["MARK"]:
+                if m["tag"] == tag and words[:1] in (["MARK"], ["MARK_MEDIA"]):
                     fates.sent.append(words[1])
             elif (m := _GOT.search(line)) and m["tag"] == tag:
-                words = m["text"].split()
-                ident = next((w[3:] for w in words if w.startswith("id:")), None)
-                if words[0] == "MARK_PLAYED" and ident:
+                try:
+                    event = parse_event(m["text"])
+                except ProtocolError:
+                    continue
+                ident = event.mark_id
+                if event.name in MARK_REACHED_EVENTS and ident:
                     fates.played.append(ident)
-                elif words[0] == "MARK_CLEARED" and ident:
+                elif event.name in MARK_CLEARED_EVENTS and ident:
                     fates.cleared.append(ident)
         return fates
 

@@ -28,7 +28,7 @@ def test_demo_places_a_real_call_with_marks(install: Path, capture_ok: None) -> 
     result = run("demo", "--tone")
     assert result.returncode == 0, result.stdout + result.stderr
     out = result.stdout
-    assert "MEDIA_START" in out and "MARK_PLAYED" in out
+    assert "MEDIA_START" in out and "MEDIA_MARK_PROCESSED seq:" in out
     assert "unanswered" in out and " 0 unanswered" in out
     assert "result:           OK" in out
 

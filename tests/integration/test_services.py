@@ -199,8 +199,8 @@ async def test_demo_bot_speaks_paced_by_marks_then_hangs_up(
     assert _loud(packets) >= 25, "speech, not silence"
     if running.bot_log is not None:
         log = running.bot_log.read_text()
-        assert "MARK_PLAYED" in log, log
-        assert "MARK_CLEARED" not in log, log
+        assert "MEDIA_MARK_PROCESSED seq:" in log, log
+        assert "MARK_CLEARED" not in log, log  # nor MEDIA_MARK_CLEARED
         assert "hanging up" in log, log
         assert "Traceback" not in log, log
 
