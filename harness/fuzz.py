@@ -608,8 +608,15 @@ class Oracle:
                 wanted[("mark", msg.mark_id)] += 1
             elif msg.answer is Answer.BUFFERING:
                 wanted[("buffering", msg.mark_id)] += 0
-            # A MARK_MEDIA without an id shares "" with every other one.
-            if msg.answer in (Answer.MARK, Answer.MARK_MEDIA) and msg.mark_id in played:
+        for s in self.sent:
+            msg = s.message
+            # Only an id placed once names one answer (a MARK_MEDIA without an
+            # id shares "" with every other one).
+            if (
+                msg.answer in (Answer.MARK, Answer.MARK_MEDIA)
+                and msg.mark_id in played
+                and wanted[("mark", msg.mark_id)] == 1
+            ):
                 event = played[msg.mark_id]
                 span = self.accepted_ms(s)
                 if span is not None and not span[0] <= event.get_int("played_ms") <= span[1]:
