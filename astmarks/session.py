@@ -611,8 +611,10 @@ class MediaSession:
                 marks=marks,
                 fields=dict(event.fields),
             )
-            if str(event.get("passthrough", "")).lower() == "true":
-                self._refusable_from = 0  # no MARK in passthrough mode
+            if not marks and str(event.get("passthrough", "")).lower() == "true":
+                # Without mark positions mode a driver may refuse MARK_MEDIA
+                # in passthrough mode; in the mode it takes it there too.
+                self._refusable_from = 0
             if marks:
                 log.info(
                     "astmarks: mark positions mode: MARK_MEDIA is answered in the tick "

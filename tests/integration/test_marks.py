@@ -357,18 +357,48 @@ async def test_pause_holds_marks_until_continue(rig: Rig, fmt: ControlFormat) ->
     assert held.get_int("played_ms") == 100
 
 
-async def test_marks_are_refused_in_passthrough_mode(rig: Rig, fmt: ControlFormat) -> None:
-    """Like MARK_MEDIA upstream: the app frames and times the media itself."""
+async def test_passthrough_takes_marks_only_in_mark_positions_mode(
+    rig: Rig, fmt: ControlFormat
+) -> None:
+    """Without the mode MARK_MEDIA is refused in passthrough mode, as upstream
+    does; in the mode (here from the dial option with 'p') each message is a
+    frame of its own, and a mark is answered when the message before it is
+    handed to the core, with its position."""
     async with rig.call(control_format=fmt, options="p") as call:
         s = call.session
-        for i in range(5):
-            await s.send_audio(audio.tagged_frame(i))  # one frame per message
-        await s.command("MARK", "pt")
+        await s.send_audio(audio.tagged_frame(0))
+        await s.command("MARK_MEDIA", "refused")
         error = await s.wait_for("ERROR")
-        await asyncio.sleep(0.2)
-    assert "MARK not supported in passthrough mode" in error.get_str("error_text")
-    assert not s.named("MARK_PLAYED", "MARK_CLEARED")
-    assert [audio.frame_index(p.payload) for p in call.packets][:5] == list(range(5))
+        await asyncio.sleep(0.1)
+    assert "MARK_MEDIA not supported in passthrough mode" in error.get_str("error_text")
+    assert not s.named("MEDIA_MARK_PROCESSED")
+
+    sent = audio.tagged_frames(0, 12)
+    marks: list[tuple[str, int]] = []
+    async with rig.call(control_format=fmt, options="pm") as call:
+        s = call.session
+        assert s.media_start is not None and s.media_start.get_bool("mark_positions")
+        for i in range(12):
+            await s.send_audio(audio.tagged_frame(i))  # one frame per message
+            if i % 3 == 2:
+                marks.append((f"pt{i}", (i + 1) * FRAME))
+                await s.command("MARK_MEDIA", f"pt{i}")
+        await s.command("MARK", "req")
+        await s.wait_mark("req")
+        await asyncio.sleep(0.1)
+    processed = s.named("MEDIA_MARK_PROCESSED")
+    assert [e.mark_id for e in processed] == [m for m, _ in marks]
+    assert [e.get_int("played_ms") for e in processed] == [n // 8 for _, n in marks]
+    assert s.named("MARK_PLAYED")[0].get_int("played_ms") == 240
+    assert [audio.frame_index(p.payload) for p in call.packets][:12] == list(range(12))
+    timings = analysis.acked_mark_timings(sent, marks, processed, call.packets)
+    errors = [t.error_ms for t in timings if t.error_ms is not None]
+    assert len(errors) == len(marks), timings
+    report(
+        f"passthrough, mark positions mode: MEDIA_MARK_PROCESSED - RTP ({fmt.value})",
+        analysis.Summary.of(errors),
+    )
+    check_mark_timing(errors)
 
 
 async def test_mark_media_keeps_its_wire_format_and_its_timing(
