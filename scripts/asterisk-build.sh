@@ -836,26 +836,32 @@ devcheck() {
 	exec 9>"$cache/build.lock"
 	flock -w 3600 9 || die "another build holds $cache/build.lock"
 	select_flavour "$tree" patched
-	# The files the series changes.
-	local objs=(channels/chan_websocket res/res_http_websocket)
-	local o
-	for o in "${objs[@]}"; do rm -f "$tree/$o.o" "$tree/$o.so"; done
-	log "devcheck: compiling ${objs[*]/%/.c} with dev-mode flags (-Werror)"
-	local rc=0
+	log "devcheck: compiling ${devcheck_objs[*]/%/.c} with dev-mode flags (-Werror)"
+	compile_devmode "$tree" "${devcheck_objs[*]/%/.c}"
+	log "devcheck: ${devcheck_objs[*]/%/.c} compile cleanly with -Werror and dev-mode warnings"
+}
+
+# The files the series changes, which devcheck compiles.
+readonly devcheck_objs=(channels/chan_websocket res/res_http_websocket)
+
+# Compile devcheck_objs in the tree $1 as it stands, with dev-mode flags and
+# -Werror; stops naming $2 if they do not compile cleanly.
+compile_devmode() {
+	local tree=$1 what=$2 o rc=0
+	for o in "${devcheck_objs[@]}"; do rm -f "$tree/$o.o" "$tree/$o.so"; done
 	(cd "$tree" && make channels res AST_DEVMODE=yes ASTCFLAGS=-DAST_DEVMODE=1 NOISY_BUILD=yes) \
 		>"$tree/make-devcheck.out" 2>&1 || rc=$?
 	# Leave no dev-mode object behind for the normal build to pick up.
-	for o in "${objs[@]}"; do
+	for o in "${devcheck_objs[@]}"; do
 		[ $rc -ne 0 ] || [ -f "$tree/$o.so" ] || rc=1
 		rm -f "$tree/$o.o" "$tree/$o.so"
 	done
 	if [ $rc -ne 0 ]; then
 		grep -E 'warning|error' "$tree/make-devcheck.out" >&2 || tail -n 40 "$tree/make-devcheck.out" >&2
-		die "${objs[*]/%/.c} do not compile cleanly in dev mode; see $tree/make-devcheck.out"
+		die "$what: does not compile cleanly in dev mode; see $tree/make-devcheck.out"
 	fi
 	grep -q -- '-Werror' "$tree/make-devcheck.out" \
-		|| die "devcheck did not compile with -Werror; see $tree/make-devcheck.out"
-	log "devcheck: ${objs[*]/%/.c} compile cleanly with -Werror and dev-mode warnings"
+		|| die "$what: devcheck did not compile with -Werror; see $tree/make-devcheck.out"
 }
 
 # Each pull request that is not a part of the stack (one that applies alone,
@@ -863,7 +869,7 @@ devcheck() {
 # what it names, with dev-mode flags. Done once for a set of pull requests:
 # a stamp in the cache, keyed by the manifest and the patches, says so.
 devcheck_pulls() {
-	local tree name own after o rc stamp
+	local tree name own after stamp
 	[ -f "$patch_dir/pull-requests" ] || { log "devcheck-pulls: no pull-requests in $patch_dir"; return 0; }
 	stamp=$cache/devcheck-pulls-$( (cat "$patch_dir/pull-requests" "$patch_dir"/*.patch \
 		"$patch_dir"/pulls/*.patch 2>/dev/null; source_id) | sha256sum | cut -c1-16)
@@ -875,23 +881,11 @@ devcheck_pulls() {
 	[ -f "$tree/.astmarks-configured" ] || build patched
 	exec 9>"$cache/build.lock"
 	flock -w 3600 9 || die "another build holds $cache/build.lock"
-	local objs=(channels/chan_websocket res/res_http_websocket)
 	while IFS='|' read -r name own after; do
 		[ -z "$after" ] || [[ $own == */* ]] || continue
 		select_flavour "$tree" upstream
 		apply_pull_request "$tree" "$own" "$after" "$name"
-		for o in "${objs[@]}"; do rm -f "$tree/$o.o" "$tree/$o.so"; done
-		rc=0
-		(cd "$tree" && make channels res AST_DEVMODE=yes ASTCFLAGS=-DAST_DEVMODE=1 NOISY_BUILD=yes) \
-			>"$tree/make-devcheck.out" 2>&1 || rc=$?
-		for o in "${objs[@]}"; do
-			[ $rc -ne 0 ] || [ -f "$tree/$o.so" ] || rc=1
-			rm -f "$tree/$o.o" "$tree/$o.so"
-		done
-		if [ $rc -ne 0 ]; then
-			grep -E 'warning|error' "$tree/make-devcheck.out" >&2 || tail -n 40 "$tree/make-devcheck.out" >&2
-			die "pull request $name does not compile cleanly in dev mode; see $tree/make-devcheck.out"
-		fi
+		compile_devmode "$tree" "pull request $name"
 		log "devcheck-pulls: pull request $name ($own${after:+ after $after}) compiles cleanly with -Werror"
 	done < <(pull_requests)
 	select_flavour "$tree" upstream
