@@ -67,6 +67,20 @@ async def _until_healthy(
         await asyncio.sleep(0.2)
 
 
+async def _until_listening(proc: asyncio.subprocess.Process, log_path: Path) -> None:
+    """The demo bot takes connections: it says so once listening (it renders
+    its greeting first: under load a call placed before that found no bot,
+    and Asterisk answered 404). Its log, not a probe connection, which would
+    be a failed handshake in its log."""
+    deadline = asyncio.get_running_loop().time() + units(30)
+    while "listening on" not in await asyncio.to_thread(log_path.read_text, errors="replace"):
+        assert proc.returncode is None, (
+            f"the demo bot exited with status {proc.returncode}; its output:\n{tail(log_path)}"
+        )
+        assert asyncio.get_running_loop().time() < deadline, "the demo bot never listened"
+        await asyncio.sleep(0.1)
+
+
 async def _start(argv: list[str], log: Path, env: dict[str, str]) -> asyncio.subprocess.Process:
     with log.open("wb") as out:
         return await asyncio.create_subprocess_exec(
@@ -123,6 +137,7 @@ async def running(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterat
     )
     try:
         await _until_healthy(install, sandbox / "etc" / "asterisk.conf", ast, ast_log)
+        await _until_listening(bot, bot_log)
         services = Services(
             LOOPBACK,
             sip_port,
