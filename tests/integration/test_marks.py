@@ -267,33 +267,38 @@ async def test_with_ptime_a_short_frame_waits_in_the_smoother(rig: Rig) -> None:
 async def test_buffered_partial_frame_is_played_before_the_mark(
     rig: Rig, fmt: ControlFormat
 ) -> None:
-    """START_MEDIA_BUFFERING, 10.5 frames, a mark, more audio a second later.
+    """START_MEDIA_BUFFERING, 10.5 frames, a mark; four times, each after the
+    queue has run dry.
 
     As upstream does since #2006, the half frame is played when the queue runs
-    dry, buffering or not; the mark after it is answered in that tick.
+    dry, buffering or not; the mark after it is answered in that tick (timed
+    over the four, so that one stall of a loaded machine is told from a
+    mark a tick late: under AddressSanitizer one ack came 74 ms late once).
     """
-    first = audio.tagged_frames(0, 10) + bytes(range(16, 96))  # 10.5 frames
-    later = audio.tagged_frames(11, 4)
+    chunks = [audio.tagged_frames(k * 10, 10) + bytes(range(16, 96)) for k in range(4)]
+    acks = []
     async with rig.call(control_format=fmt) as call:
         s = call.session
-        await s.command("START_MEDIA_BUFFERING")
-        await s.send_audio(first)
-        await s.command("MARK", "mid-frame")
-        mark = await s.wait_mark("mid-frame")
-        await asyncio.sleep(1.0)
-        await s.send_audio(later)
-        await s.command("STOP_MEDIA_BUFFERING", "done")
-        await s.wait_for("MEDIA_BUFFERING_COMPLETED")
+        for k, chunk in enumerate(chunks):
+            await s.command("START_MEDIA_BUFFERING")
+            await s.send_audio(chunk)
+            await s.command("MARK", f"mid{k}")
+            acks.append(await s.wait_mark(f"mid{k}"))
+            await asyncio.sleep(0.3)  # the half frame alone, and nothing after it
+            after = len(s.events) - 1
+            await s.command("STOP_MEDIA_BUFFERING", f"done{k}")
+            await s.wait_for("MEDIA_BUFFERING_COMPLETED", after=after)
         await asyncio.sleep(0.1)
     payloads = [p.payload for p in call.packets]
-    assert payloads[:11] == analysis.split_frames(first), "10 frames, then the half frame alone"
-    assert payloads[11:] == analysis.split_frames(later)
-    error_ms = (mark.t - call.packets[10].t) * 1000
+    expected = [frame for chunk in chunks for frame in analysis.split_frames(chunk)]
+    assert payloads == expected, "10 frames, then the half frame alone, four times"
+    assert [a.get_int("played_ms") for a in acks] == [210 * (k + 1) for k in range(4)]
+    errors = [(a.t - call.packets[11 * k + 10].t) * 1000 for k, a in enumerate(acks)]
     report(
-        f"MARK_PLAYED after a buffered half frame - its RTP ({fmt.value})", f"{error_ms:+.2f} ms"
+        f"MARK_PLAYED after a buffered half frame - its RTP ({fmt.value})",
+        analysis.Summary.of(errors),
     )
-    assert abs(error_ms) < 15
-    assert mark.get_int("played_ms") == 210
+    check_mark_timing(errors)
 
 
 async def test_unaligned_messages_lose_no_byte(rig: Rig, fmt: ControlFormat) -> None:
