@@ -139,5 +139,5 @@ async def test_a_sip_phone_on_this_host_calls_the_demo_bot(
     )
     assert len(loud) >= 100, "the phone heard the greeting (several seconds of speech)"
     bot_log = up.compose("logs", "--no-color", "bot").stdout
-    assert "MARK_PLAYED" in bot_log, bot_log
+    assert "MEDIA_MARK_PROCESSED seq:" in bot_log, bot_log  # MARK_MEDIA in mark positions mode
     assert "hanging up" in bot_log, bot_log
