@@ -48,7 +48,15 @@ from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, TypeVar
 
-from astmarks.protocol import ControlFormat, Event, ProtocolError, format_command, parse_event
+from astmarks.protocol import (
+    MARK_CLEARED_EVENTS,
+    MARK_REACHED_EVENTS,
+    ControlFormat,
+    Event,
+    ProtocolError,
+    format_command,
+    parse_event,
+)
 from astmarks.transport import Transport, TransportClosed, as_transport
 
 log = logging.getLogger(__name__)
@@ -459,7 +467,7 @@ class MediaSession:
             self.format = event.format
             if not self._media_start.done():
                 self._media_start.set_result(event)
-        elif name in ("MARK_PLAYED", "MEDIA_MARK_PROCESSED") and "played_ms" in event.fields:
+        elif name in MARK_REACHED_EVENTS and "played_ms" in event.fields:
             # MARK_MEDIA in mark positions mode (what the session places), or MARK.
             mark_id = event.mark_id or ""
             self._report(event)
@@ -478,7 +486,7 @@ class MediaSession:
             mark_id = event.get_str("correlation_id")
             if mark_id in self._marks:  # one of ours (the fallback), not the app's own
                 self._settle(mark_id, MarkPlayed(mark_id, None, None, None, event.t))
-        elif name in ("MARK_CLEARED", "MEDIA_MARK_CLEARED"):
+        elif name in MARK_CLEARED_EVENTS:
             mark_id = event.mark_id or ""
             played = event.get_int("played_ms")
             self._settle(

@@ -42,7 +42,7 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from astmarks.protocol import ControlFormat, Event
+from astmarks.protocol import MARK_CLEARED_EVENTS, MARK_REACHED_EVENTS, ControlFormat, Event
 from harness import audio
 from harness.bot import BotError, BotSession
 from harness.capture import RtpPacket
@@ -106,9 +106,7 @@ class Answer(enum.Enum):
 
 
 #: The events that answer a MARK or a MARK_MEDIA in mark positions mode.
-MARK_ANSWERS = frozenset(
-    {"MARK_PLAYED", "MARK_CLEARED", "MEDIA_MARK_PROCESSED", "MEDIA_MARK_CLEARED"}
-)
+MARK_ANSWERS = frozenset({*MARK_REACHED_EVENTS, *MARK_CLEARED_EVENTS})
 
 #: The answers that come right away, in the order of the messages.
 IMMEDIATE = {Answer.ERROR: "ERROR", Answer.STATUS: "STATUS", Answer.FLUSHED: "MEDIA_FLUSHED"}
@@ -597,7 +595,7 @@ class Oracle:
         for event in events:
             if event.name in MARK_ANSWERS:
                 answers[("mark", event.mark_id or "")] += 1
-                if event.name in ("MARK_PLAYED", "MEDIA_MARK_PROCESSED"):
+                if event.name in MARK_REACHED_EVENTS:
                     played[event.mark_id or ""] = event
             elif event.name == "MEDIA_BUFFERING_COMPLETED":
                 answers[("buffering", event.mark_id or "")] += 1
