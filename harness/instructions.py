@@ -56,12 +56,15 @@ class Load:
     build: str
     mark_cmd: str | None
     every_ms: int = audio.FRAME_MS
+    #: Opt in to mark positions mode (REPORT_MARK_POSITIONS) before the window
+    positions: bool = False
 
 
 LOADS = (
     Load("patched_without_marks", "patched", None),
     Load("patched_mark_every_20ms", "patched", "MARK"),
     Load("patched_mark_every_200ms", "patched", "MARK", 200),
+    Load("patched_mark_media_positions_every_20ms", "patched", "MARK_MEDIA", positions=True),
     Load("upstream_without_marks", "upstream", None),
     Load("upstream_mark_media_every_20ms", "upstream", "MARK_MEDIA"),
 )
@@ -128,6 +131,8 @@ async def one_load(rig: Rig, out: Path, load: Load, seconds: float) -> dict[str,
     data = audio.tagged_frames(0, frames)
     async with rig.call(capture=False) as live:
         s = live.session
+        if load.positions:
+            await s.command("REPORT_MARK_POSITIONS")
         await asyncio.sleep(0.5)  # the call settles before the window opens
         before = _dumps(out, pid)
         await _control("-z", str(pid))
@@ -248,6 +253,7 @@ def summarize(runs: dict[str, list[dict[str, Any]]], seconds: float) -> dict[str
     for label, base in (
         ("patched_mark_every_20ms", "patched_without_marks"),
         ("patched_mark_every_200ms", "patched_without_marks"),
+        ("patched_mark_media_positions_every_20ms", "patched_without_marks"),
         ("upstream_mark_media_every_20ms", "upstream_without_marks"),
     ):
         loads = result["loads"]
@@ -268,5 +274,13 @@ def summarize(runs: dict[str, list[dict[str, Any]]], seconds: float) -> dict[str
     )
     result["patched_vs_upstream_percent"] = overhead(
         "patched_without_marks", "upstream_without_marks"
+    )
+    # What a mark costs in mark positions mode against upstream's MARK_MEDIA,
+    # each beyond its own build's calls without marks.
+    loads = result["loads"]
+    mode = loads.get("patched_mark_media_positions_every_20ms", {}).get("instructions_per_mark")
+    plain = loads.get("upstream_mark_media_every_20ms", {}).get("instructions_per_mark")
+    result["positions_mark_vs_mark_media_percent"] = (
+        round((mode - plain) / plain * 100, 3) if mode is not None and plain else None
     )
     return result

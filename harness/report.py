@@ -240,8 +240,10 @@ def instructions_markdown(instr: dict[str, Any]) -> list[str]:
         f"A MARK every 20 ms: {pct('overhead_percent')} (every 200 ms: "
         f"{pct('overhead_200ms_percent')}); upstream's MARK_MEDIA every 20 ms: "
         f"{pct('upstream_overhead_percent')}; MARK against MARK_MEDIA: "
-        f"{pct('marks_vs_mark_media_percent')}; the patched build without marks against "
-        f"upstream: {pct('patched_vs_upstream_percent')}.",
+        f"{pct('marks_vs_mark_media_percent')}; a mark in mark positions mode (MARK_MEDIA "
+        f"after REPORT_MARK_POSITIONS) against upstream's MARK_MEDIA, per mark: "
+        f"{pct('positions_mark_vs_mark_media_percent')}; the patched build without marks "
+        f"against upstream: {pct('patched_vs_upstream_percent')}.",
     ]
     return lines
 

@@ -421,7 +421,7 @@ async def test_a_bot_that_stops_reading_is_dropped_within_the_write_timeout(
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(s.closed.wait(), units(5))
     log = rig.asterisk.messages_log.read_text(errors="replace")
-    assert f"The app did not take a message within {WRITE_TIMEOUT_MS} ms" in log
+    assert f"Write to the app failed (not taken within {WRITE_TIMEOUT_MS} ms" in log
     assert s.close_code in (1006, 1011), f"closed with {s.close_code}"
     indexes = [audio.frame_index(p.payload) for p in call.packets]
     assert indexes == list(range(len(indexes))), "every frame played once, in order"
@@ -439,8 +439,9 @@ async def test_a_bot_that_stops_reading_is_dropped_within_the_write_timeout(
         f"{gap:.1f} ms, {silent:.1f} ms",
     )
     gap = max(gap, silent)
-    # The failed write and the CLOSE frame after it each wait up to the write
-    # timeout; a frame is 20 ms. Slow builds (AddressSanitizer) scale the bound.
+    # The failed write waits the write timeout, and on 22.10.1 the CLOSE frame
+    # res_http_websocket tries after it once more; a frame is 20 ms. Slow
+    # builds (AddressSanitizer) scale the bound.
     assert gap < units(0.3) * 1000, f"the caller's audio stalled for {gap:.0f} ms"
     # The next call is served as usual.
     async with rig.call() as call:
