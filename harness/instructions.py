@@ -237,12 +237,12 @@ def summarize(runs: dict[str, list[dict[str, Any]]], seconds: float) -> dict[str
             "kept_up": all(v["kept_up"] for v in values),
         }
 
-    def overhead(label: str, base: str) -> float | None:
+    def overhead(label: str, base: str, key: str = "instructions_per_call_second") -> float | None:
         loads = result["loads"]
-        if label not in loads or base not in loads:
+        if key not in loads.get(label, {}) or not loads.get(base, {}).get(key):
             return None
-        b = float(loads[base]["instructions_per_call_second"])
-        value = float(loads[label]["instructions_per_call_second"])
+        b = float(loads[base][key])
+        value = float(loads[label][key])
         return round((value - b) / b * 100, 3)
 
     result["overhead_percent"] = overhead("patched_mark_every_20ms", "patched_without_marks")
@@ -277,10 +277,9 @@ def summarize(runs: dict[str, list[dict[str, Any]]], seconds: float) -> dict[str
     )
     # What a mark costs in mark positions mode against upstream's MARK_MEDIA,
     # each beyond its own build's calls without marks.
-    loads = result["loads"]
-    mode = loads.get("patched_mark_media_positions_every_20ms", {}).get("instructions_per_mark")
-    plain = loads.get("upstream_mark_media_every_20ms", {}).get("instructions_per_mark")
-    result["positions_mark_vs_mark_media_percent"] = (
-        round((mode - plain) / plain * 100, 3) if mode is not None and plain else None
+    result["positions_mark_vs_mark_media_percent"] = overhead(
+        "patched_mark_media_positions_every_20ms",
+        "upstream_mark_media_every_20ms",
+        "instructions_per_mark",
     )
     return result
