@@ -24,7 +24,7 @@ the answer ``docs/PROTOCOL.md`` promises for it (:class:`Answer`).
   (:meth:`FuzzReport.timing`, once the capture has stopped).
 
 The generator keeps the session inside the limits whose answers depend on
-timing (1000 pending marks, 1000 queued frames) by flushing in time: those
+timing (1000 pending marks in the mode, 1000 queued frames) by flushing in time: those
 limits have their own tests.
 """
 

@@ -113,6 +113,26 @@ async def test_too_many_pending_marks(rig: Rig, fmt: ControlFormat) -> None:
     assert flushed.get_int("cleared_marks") == limit
 
 
+async def test_marks_without_the_mode_are_not_limited(rig: Rig) -> None:
+    """An app that never opted in places more marks than the mode allows while
+    paused: every one is answered, in order, and no ERROR comes (upstream's
+    option frames were not limited either)."""
+    count = 1200
+    async with rig.call() as call:
+        s = call.session
+        await s.command("PAUSE_MEDIA")
+        await s.send_audio(audio.tagged_frames(0, 5))
+        for i in range(count):
+            await s.command("MARK_MEDIA", f"m{i}")
+        await s.command("CONTINUE_MEDIA")
+        last = f"m{count - 1}"
+        await s.wait_mark(last, names=("MEDIA_MARK_PROCESSED",), timeout=10)
+        await asyncio.sleep(0.1)
+    processed = s.named("MEDIA_MARK_PROCESSED")
+    assert [e.get_str("correlation_id") for e in processed] == [f"m{i}" for i in range(count)]
+    assert not s.named("ERROR")
+
+
 async def test_empty_text_message(rig: Rig) -> None:
     async with rig.call() as call:
         await still_works(call.session, "before")
