@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 BUILD := scripts/asterisk-build.sh
 PYTEST_ARGS ?=
 
-.PHONY: all setup asterisk asterisk-upstream asterisk-master check-patches devcheck demo test \
+.PHONY: all setup asterisk asterisk-upstream asterisk-master asterisk-pr test-pr check-patches devcheck demo test \
 	unit lint test-asan fuzz soak upstream-testsuite bench clean distclean help docker-check docker-engine \
 	docker-base docker-build docker-test docker-up dist docs
 
@@ -23,6 +23,9 @@ help:
 	@echo "make asterisk-upstream  build it without our patches into build/asterisk-upstream"
 	@echo "make asterisk-master  build upstream master (MASTER_SNAPSHOT) with asterisk-patch/"
 	@echo "                      and without, into build/master/"
+	@echo "make asterisk-pr      build master with one pull request (PR=mark-played) and what"
+	@echo "                      it names in asterisk-patch/pull-requests, into build/pr/<PR>/;"
+	@echo "                      make test-pr: the real-call tests against it"
 	@echo "make check-patches    check that asterisk-patch/series applies, without building"
 	@echo "                      (TREE=/path/to/asterisk or SNAPSHOT=file.tar.xz: to that source)"
 	@echo "make devcheck         compile chan_websocket.c with dev-mode flags (-Werror), and"
@@ -83,6 +86,23 @@ asterisk-master: setup
 		"of upstream, with its .sha256 beside it)" >&2; exit 1; }
 	@$(MASTER_ENV) $(BUILD) build
 	@$(MASTER_ENV) $(BUILD) build-upstream
+
+# One pull request as upstream would build it: master with only what it
+# names in asterisk-patch/pull-requests (PR=mark-played: the feature stack
+# on the bug fixes alone, without 8, 10 and 11), into build/pr/<PR>/;
+# test-pr runs the real-call suite against it, but for the tests of what 8
+# and 11 do (marked beyond_the_feature).
+PR ?= mark-played
+PR_ENV = ASTERISK_SOURCE=snapshot ASTERISK_SNAPSHOT=$(MASTER_SNAPSHOT) \
+	ASTERISK_PATCH_DIR=$(CURDIR)/build/pr/$(PR)/patches ASTERISK_INSTALL_LINK=$(CURDIR)/build/pr/$(PR)
+asterisk-pr: asterisk-master
+	@$(MASTER_ENV) $(BUILD) pr-series $(PR) $(CURDIR)/build/pr/$(PR)/patches
+	@$(PR_ENV) $(BUILD) build
+
+test-pr: asterisk-pr
+	@ASTERISK_PREFIX=$(CURDIR)/build/pr/$(PR)/asterisk \
+		ASTERISK_UPSTREAM_PREFIX=$(CURDIR)/build/master/asterisk-upstream \
+		$(PY) -m pytest -m "integration and not beyond_the_feature" -p no:cacheprovider $(PYTEST_ARGS)
 
 # Whether the series applies, in seconds: to the pinned source, or to a tree
 # of yours (TREE=/path/to/asterisk), or to a snapshot tarball verified by its

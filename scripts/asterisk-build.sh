@@ -10,7 +10,8 @@
 #   asterisk-build.sh build           build with the series -> build/asterisk
 #   asterisk-build.sh build-upstream  build without it     -> build/asterisk-upstream
 #   asterisk-build.sh devcheck        compile chan_websocket.c with dev-mode flags
-#   asterisk-build.sh devcheck-pulls  the same for each pull request that applies alone
+#   asterisk-build.sh devcheck-pulls  the same for each pull request the series does not build
+#   asterisk-build.sh pr-series NAME DIR  a pull request with what it needs, as a series in DIR
 #   asterisk-build.sh key [upstream]  print the cache key of a build
 #
 # Environment:
@@ -549,6 +550,29 @@ apply_pull_request() {
 	done
 }
 
+# The pull request named $1 as a series of its own in the directory $2: the
+# patches it names after "after", then its own, copied there with a series
+# file listing them in that order, for ASTERISK_PATCH_DIR (make asterisk-pr).
+pr_series() {
+	local want=$1 out=$2 name own after n p found=
+	[ -n "$want" ] && [ -n "$out" ] || die "pr-series: usage: pr-series NAME DIR"
+	[ -f "$patch_dir/pull-requests" ] || die "pr-series: no pull-requests in $patch_dir"
+	while IFS='|' read -r name own after; do
+		[ "$name" = "$want" ] || continue
+		found=1
+		rm -rf "$out"
+		mkdir -p "$out"
+		for n in $after $own; do
+			p=$(patch_numbered "$n")
+			cp "$patch_dir/$p" "$out/"
+			basename "$p" >>"$out/series"
+		done
+	done < <(pull_requests)
+	[ -n "$found" ] || die "pr-series: no pull request named '$want' in $patch_dir/pull-requests" \
+		"(one of: $(pull_requests | cut -d'|' -f1 | xargs))"
+	log "pr-series: pull request $want as a series of $(wc -l <"$out/series") patches in $out"
+}
+
 # Each pull request of $patch_dir/pull-requests alone on the pristine tree in
 # $1 (a git repository), with only the patches it names after "after" below it.
 check_pull_requests() {
@@ -864,9 +888,9 @@ compile_devmode() {
 		|| die "$what: devcheck did not compile with -Werror; see $tree/make-devcheck.out"
 }
 
-# Each pull request that is not a part of the stack (one that applies alone,
-# or a version of its own in pulls/) compiled on the pristine tree with only
-# what it names, with dev-mode flags. Done once for a set of pull requests:
+# Each pull request whose tree the series does not build (one that applies
+# alone, or one with a version of its own in pulls/ in it or below it)
+# compiled on the pristine tree with only what it names, with dev-mode flags. Done once for a set of pull requests:
 # a stamp in the cache, keyed by the manifest and the patches, says so.
 devcheck_pulls() {
 	local tree name own after stamp
@@ -882,7 +906,7 @@ devcheck_pulls() {
 	exec 9>"$cache/build.lock"
 	flock -w 3600 9 || die "another build holds $cache/build.lock"
 	while IFS='|' read -r name own after; do
-		[ -z "$after" ] || [[ $own == */* ]] || continue
+		[ -z "$after" ] || [[ "$own $after" == */* ]] || continue
 		select_flavour "$tree" upstream
 		apply_pull_request "$tree" "$own" "$after" "$name"
 		compile_devmode "$tree" "pull request $name"
@@ -914,8 +938,9 @@ main() {
 	build-upstream) build upstream ;;
 	devcheck) devcheck ;;
 	devcheck-pulls) devcheck_pulls ;;
+	pr-series) pr_series "${2:-}" "${3:-}" ;;
 	key) build_key "${2:-patched}" ;;
-	*) die "unknown command '$cmd' (fetch, check-patches, build, build-upstream, devcheck, devcheck-pulls, key)" ;;
+	*) die "unknown command '$cmd' (fetch, check-patches, build, build-upstream, devcheck, devcheck-pulls, pr-series, key)" ;;
 	esac
 }
 

@@ -426,3 +426,37 @@ def test_a_pull_request_that_needs_another_is_named(tmp_path: Path) -> None:
     assert result.returncode != 0
     assert "pull request fragmented-text-dropped-whole" in result.stderr, result.stderr
     assert "0007-" in result.stderr
+
+
+def test_the_feature_stack_is_a_series_without_8_10_and_11(tmp_path: Path) -> None:
+    """``pr-series mark-played`` (make asterisk-pr) gives the feature with what
+    it needs below it: the bug fixes, never patch 8 (upstream has #2141) nor
+    10/11; the series applies to master; an unknown name is refused by name."""
+    out = tmp_path / "stack"
+    env = {**os.environ, "ASTERISK_MARKS_CACHE": str(tmp_path / "cache"), **_snapshot_env()}
+    made = subprocess.run(
+        ["bash", str(BUILD), "pr-series", "mark-played", str(out)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+        check=False,
+    )
+    assert made.returncode == 0, made.stderr
+    numbers = [name.split("-", 1)[0] for name in (out / "series").read_text().split()]
+    assert numbers[-1] == "0016"
+    assert {"0001", "0003", "0009", "0012", "0013", "0014", "0015"} <= set(numbers)
+    assert not {"0008", "0010", "0011"} & set(numbers), numbers
+    applied = run_check({**_snapshot_env(), "ASTERISK_PATCH_DIR": str(out)}, tmp_path)
+    assert applied.returncode == 0, applied.stderr
+    unknown = subprocess.run(
+        ["bash", str(BUILD), "pr-series", "no-such-pr", str(tmp_path / "x")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+        check=False,
+    )
+    assert unknown.returncode != 0
+    assert "no pull request named 'no-such-pr'" in unknown.stderr
+    assert "mark-played" in unknown.stderr, "the names to choose from"

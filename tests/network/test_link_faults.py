@@ -130,6 +130,7 @@ SHAPES = {
 }
 
 
+@pytest.mark.beyond_the_feature  # patch 11: no wait for the rest of a frame
 @pytest.mark.parametrize("name", list(SHAPES))
 async def test_a_bad_link_neither_stalls_the_caller_nor_loses_a_mark(
     linked: tuple[NetNs, Rig], name: str
