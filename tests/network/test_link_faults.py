@@ -151,6 +151,7 @@ async def test_a_bad_link_neither_stalls_the_caller_nor_loses_a_mark(
     assert result.largest_gap_ms < 50, "the caller's audio kept its 20 ms grid"
 
 
+@pytest.mark.beyond_the_feature  # patch 11: the burst after it splits frames
 async def test_a_black_hole_on_the_link_neither_stalls_the_caller_nor_loses_a_mark(
     linked: tuple[NetNs, Rig],
 ) -> None:
