@@ -243,7 +243,7 @@ async def local_rig(
 
 
 @pytest.fixture(autouse=True)
-def _quiet_collector() -> None:
+def _quiet_collector() -> Iterator[None]:
     """Keep Python's cyclic garbage collector from pausing a call's bot.
 
     A test times the bot's events as its event loop reads them. A full
@@ -252,10 +252,15 @@ def _quiet_collector() -> None:
     on a mark holds its timestamp up by as much: single marks were seen 95 and
     217 ms late in CI. What is alive before each test is frozen (the
     collection first frees the last test's cycles), so a collection during a
-    test walks only what the test made.
+    test walks only what the test made. A collection during the test that
+    takes over 5 ms is logged (a failing test prints it).
     """
     gc.collect()
     gc.freeze()
+    callback = _log_long_collections()
+    gc.callbacks.append(callback)
+    yield
+    gc.callbacks.remove(callback)
 
 
 def _log_long_collections() -> Callable[[str, dict[str, int]], None]:
@@ -273,9 +278,6 @@ def _log_long_collections() -> Callable[[str, dict[str, int]], None]:
             )
 
     return callback
-
-
-gc.callbacks.append(_log_long_collections())
 
 
 @pytest.fixture(autouse=True)
