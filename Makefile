@@ -16,7 +16,7 @@ all: help
 help:
 	@echo "make demo             set up, build, and place one real call with marks"
 	@echo "                      (TOPOLOGY=ari: through an ARI app's externalMedia channel;"
-	@echo "                      dial-in, ari-in, ari-softmix, ari-third-party: see README)"
+	@echo "                      dial-in, ari-in, ari-softmix, ari-third-party: docs/TESTING.md)"
 	@echo "make test             set up, build, lint and run every test"
 	@echo "make setup            apt packages and the .venv virtualenv"
 	@echo "make asterisk         build the patched Asterisk into build/asterisk (cached)"
@@ -161,7 +161,7 @@ soak: asterisk
 
 BENCH_ARGS ?=
 bench: asterisk asterisk-upstream
-	@$(PY) -m harness bench --out results/latest --update-readme $(BENCH_ARGS)
+	@$(PY) -m harness bench --out results/latest --update-docs $(BENCH_ARGS)
 
 # Once per change to the C patch: the integration tests against a build with
 # AddressSanitizer (and LeakSanitizer at exit), the protocol fuzzer with

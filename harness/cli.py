@@ -43,6 +43,9 @@ from harness.ports import parse_host_port
 from harness.rig import Rig
 from harness.topology import DIAL, TOPOLOGIES, Topology, topology
 
+#: Where ``bench --update-docs`` puts the latest full run's tables.
+BENCHMARK_DOC = "docs/BENCHMARK.md"
+
 log = logging.getLogger("harness.cli")
 
 DEMO_TEXT = (
@@ -295,10 +298,10 @@ def bench_command(args: argparse.Namespace) -> int:
     (out / "bench.md").write_text(table)
     for path in report.plots(results, out):
         say(f"plot: {path}")
-    if args.update_readme and (args.only or args.quick):
-        say("README.md: left as it is (the README shows a whole, full run)")
-    elif args.update_readme and report.update_readme(REPO_ROOT / "README.md", table):
-        say("README.md: benchmark table updated")
+    if args.update_docs and (args.only or args.quick):
+        say(f"{BENCHMARK_DOC}: left as it is (it shows a whole, full run)")
+    elif args.update_docs and report.update_readme(REPO_ROOT / BENCHMARK_DOC, table):
+        say(f"{BENCHMARK_DOC}: benchmark table updated")
     print()
     print(table)
     return 0
@@ -404,7 +407,9 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"only this part (repeatable): {', '.join(bench.SECTIONS)}",
     )
     b.add_argument(
-        "--update-readme", action="store_true", help="put the Markdown table in README.md"
+        "--update-docs",
+        action="store_true",
+        help=f"put the Markdown table in {BENCHMARK_DOC}",
     )
     f = sub.add_parser("fuzz", help="fuzz the control protocol on a real call, with an oracle")
     f.add_argument("--messages", type=int, default=10_000, help="per format (default 10000)")

@@ -10,7 +10,7 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
-#: The README section ``make bench`` rewrites.
+#: The section of docs/BENCHMARK.md that ``make bench`` rewrites.
 README_BEGIN = "<!-- bench:begin -->"
 README_END = "<!-- bench:end -->"
 
@@ -419,7 +419,8 @@ def instructions_plot(instr: dict[str, Any], save: Any, plt: Any) -> Path:
 
 
 def update_readme(readme: Path, table: str) -> bool:
-    """Replace the README's benchmark section with *table*; False if no markers."""
+    """Replace the benchmark section of *readme* (docs/BENCHMARK.md) with *table*;
+    False if it has no markers."""
     text = readme.read_text()
     if README_BEGIN not in text or README_END not in text:
         return False

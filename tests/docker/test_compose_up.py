@@ -1,4 +1,4 @@
-"""What the README tells a person to do, on this host's Docker engine:
+"""What the README and docs/DOCKER.md tell a person to do, on this host's Docker engine:
 ``docker compose -f docker/docker-compose.yml up --build`` (Asterisk and the
 demo bot), then a call from a SIP phone on this host to the published port.
 The phone is the harness's pjsua2 phone, set up as a softphone would be: user
