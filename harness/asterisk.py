@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import secrets
@@ -91,6 +92,7 @@ class Asterisk(Service):
         *wrapper*: a command Asterisk runs under (valgrind, say), which must
         exec it in the same process; *connect_attempts*: per call, to the bot."""
         self.name = name
+        self._own_sip_port = sip_port is None
         self.wrapper = tuple(wrapper)
         self.install = install
         self._own_sandbox = sandbox is None
@@ -102,7 +104,7 @@ class Asterisk(Service):
         self.settings = config.AsteriskSettings(
             install=install,
             sandbox=self.sandbox,
-            sip_port=sip_port if sip_port is not None else free_port(),
+            sip_port=sip_port if sip_port is not None else free_port(socket.SOCK_DGRAM),
             http_port=free_port(),
             rtp_start=rtp_start,
             rtp_end=rtp_start + 199,
@@ -191,6 +193,15 @@ class Asterisk(Service):
     async def start(self, timeout: float | None = None) -> None:
         """Write the configuration, start Asterisk and wait until fully booted."""
         timeout = units(30) if timeout is None else timeout
+        if self._own_sip_port and not port_is_free(self.sip_port, socket.SOCK_DGRAM):
+            # Another socket took the port since it was chosen: choose again.
+            taken = self.sip_port
+            self.settings = dataclasses.replace(
+                self.settings, sip_port=free_port(socket.SOCK_DGRAM)
+            )
+            log.info(
+                "%s: SIP port %d was taken meanwhile; using %d", self.name, taken, self.sip_port
+            )
         if not port_is_free(self.sip_port, socket.SOCK_DGRAM):
             raise AsteriskError(
                 f"{self.name}: SIP port {LOOPBACK}:{self.sip_port}/udp is already in use"

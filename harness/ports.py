@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 import socket
+from pathlib import Path
 
 LOOPBACK = "127.0.0.1"
 
@@ -26,11 +27,28 @@ def port_is_free(port: int, kind: int = socket.SOCK_STREAM) -> bool:
         return True
 
 
-def free_udp_range(size: int, *, low: int = 20000, high: int = 60000, tries: int = 50) -> int:
+def ephemeral_low(default: int = 32768) -> int:
+    """The first port of the kernel's ephemeral range (``ip_local_port_range``):
+    where a socket bound to port 0, or connecting, gets its port."""
+    try:
+        text = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text()
+        return int(text.split()[0])
+    except (OSError, ValueError, IndexError):
+        return default
+
+
+def free_udp_range(size: int, *, low: int = 20000, high: int | None = None, tries: int = 50) -> int:
     """Return the even first port of *size* consecutive UDP ports that are free.
 
-    RTP uses even ports; Asterisk picks inside the range it is given.
+    RTP uses even ports; Asterisk picks inside the range it is given. By
+    default the range lies below the kernel's ephemeral ports, so that no
+    socket bound to port 0 (a SIP phone's RTP, a port :func:`free_port`
+    chose for another Asterisk's SIP) can be in it, nor it take one of theirs.
     """
+    if high is None:
+        high = ephemeral_low()
+        if high - low < 4 * size:  # an unusual ephemeral range: share it
+            high = 60000
     rng = random.Random()
     for _ in range(tries):
         start = rng.randrange(low, high - size) & ~1

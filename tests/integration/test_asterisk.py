@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from harness.asterisk import Asterisk, AsteriskError, find_install
-from harness.ports import free_port
+from harness.ports import ephemeral_low, free_port
 
 
 async def test_start_cli_and_graceful_stop(install: Path) -> None:
@@ -52,6 +52,24 @@ async def test_sip_port_already_taken(install: Path) -> None:
         assert time.monotonic() - t0 < 5
     assert ast.process is None
     ast.cleanup()
+
+
+async def test_a_sip_port_it_chose_and_lost_is_chosen_again(install: Path) -> None:
+    """The port an Asterisk chose for itself is taken before it starts (a SIP
+    phone's RTP got it, say): it chooses another and starts (CI once failed
+    on this), and its RTP range lies below the kernel's ephemeral ports."""
+    ast = Asterisk(install, "ws://127.0.0.1:9/media")
+    chosen = ast.sip_port
+    assert ast.settings.rtp_end < ephemeral_low()
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.bind(("127.0.0.1", chosen))
+            await ast.start()
+            assert ast.sip_port != chosen
+            assert ast.running
+    finally:
+        await ast.stop()
+        ast.cleanup()
 
 
 def test_missing_build_names_the_make_target(
