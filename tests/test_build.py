@@ -116,16 +116,21 @@ def test_the_patched_files_compile_in_dev_mode() -> None:
     assert "chan_websocket.c res/res_http_websocket.c compile cleanly" in result.stderr
 
 
-def run_source(env: dict[str, str], cache: Path) -> subprocess.CompletedProcess[str]:
-    """``asterisk-build.sh fetch`` with the source chosen by *env*, in a private cache."""
+def run_in_cache(env: dict[str, str], cache: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """``asterisk-build.sh ARGS`` with *env*, in the private cache *cache*."""
     return subprocess.run(
-        ["bash", str(BUILD), "fetch"],
+        ["bash", str(BUILD), *args],
         capture_output=True,
         text=True,
         env={**os.environ, "ASTERISK_MARKS_CACHE": str(cache), **env},
         timeout=60,
         check=False,
     )
+
+
+def run_source(env: dict[str, str], cache: Path) -> subprocess.CompletedProcess[str]:
+    """``asterisk-build.sh fetch`` with the source chosen by *env*, in a private cache."""
+    return run_in_cache(env, cache, "fetch")
 
 
 def tarball_env(tarball: Path, sha256: str) -> dict[str, str]:
@@ -259,14 +264,7 @@ diff --git a/channels/chan_websocket.c b/channels/chan_websocket.c
 
 
 def run_check(env: dict[str, str], tmp_path: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        ["bash", str(BUILD), "check-patches"],
-        capture_output=True,
-        text=True,
-        env={**os.environ, "ASTERISK_MARKS_CACHE": str(tmp_path / "cache"), **env},
-        timeout=60,
-        check=False,
-    )
+    return run_in_cache(env, tmp_path / "cache", "check-patches")
 
 
 def test_check_patches_against_a_tree_of_yours(tmp_path: Path) -> None:
@@ -433,15 +431,7 @@ def test_the_feature_stack_is_a_series_without_8_10_and_11(tmp_path: Path) -> No
     it needs below it: the bug fixes, never patch 8 (upstream has #2141) nor
     10/11; the series applies to master; an unknown name is refused by name."""
     out = tmp_path / "stack"
-    env = {**os.environ, "ASTERISK_MARKS_CACHE": str(tmp_path / "cache"), **_snapshot_env()}
-    made = subprocess.run(
-        ["bash", str(BUILD), "pr-series", "mark-played", str(out)],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=60,
-        check=False,
-    )
+    made = run_in_cache(_snapshot_env(), tmp_path / "cache", "pr-series", "mark-played", str(out))
     assert made.returncode == 0, made.stderr
     numbers = [name.split("-", 1)[0] for name in (out / "series").read_text().split()]
     assert numbers[-1] == "0016"
@@ -449,13 +439,8 @@ def test_the_feature_stack_is_a_series_without_8_10_and_11(tmp_path: Path) -> No
     assert not {"0008", "0010", "0011"} & set(numbers), numbers
     applied = run_check({**_snapshot_env(), "ASTERISK_PATCH_DIR": str(out)}, tmp_path)
     assert applied.returncode == 0, applied.stderr
-    unknown = subprocess.run(
-        ["bash", str(BUILD), "pr-series", "no-such-pr", str(tmp_path / "x")],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=60,
-        check=False,
+    unknown = run_in_cache(
+        _snapshot_env(), tmp_path / "cache", "pr-series", "no-such-pr", str(tmp_path / "x")
     )
     assert unknown.returncode != 0
     assert "no pull request named 'no-such-pr'" in unknown.stderr
