@@ -38,6 +38,18 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_INSTALLS = {
     "patched": REPO_ROOT / "build" / "asterisk",
     "upstream": REPO_ROOT / "build" / "asterisk-upstream",
+    # Master with the pull requests up to 14b: the mode as submitted upstream.
+    "pr": REPO_ROOT / "build" / "pr" / "ignored-input-errors" / "asterisk",
+}
+PREFIX_VARIABLES = {
+    "patched": "ASTERISK_PREFIX",
+    "upstream": "ASTERISK_UPSTREAM_PREFIX",
+    "pr": "ASTERISK_PR_PREFIX",
+}
+MAKE_TARGETS = {
+    "patched": "asterisk",
+    "upstream": "asterisk-upstream",
+    "pr": "asterisk-pr PR=ignored-input-errors",
 }
 
 
@@ -47,13 +59,13 @@ class AsteriskError(RuntimeError):
 
 def find_install(flavour: str = "patched") -> Path:
     """The install prefix of a build: ``$ASTERISK_PREFIX`` or ``build/<name>``."""
-    env = os.environ.get("ASTERISK_UPSTREAM_PREFIX" if flavour == "upstream" else "ASTERISK_PREFIX")
+    env = os.environ.get(PREFIX_VARIABLES[flavour])
     path = Path(env) if env else DEFAULT_INSTALLS[flavour]
     binary = path / "sbin" / "asterisk"
     if not binary.exists():
-        target = "asterisk-upstream" if flavour == "upstream" else "asterisk"
         raise AsteriskError(
-            f"no Asterisk build at {path} ({binary} is missing): run 'make {target}' first"
+            f"no Asterisk build at {path} ({binary} is missing): "
+            f"run 'make {MAKE_TARGETS[flavour]}' first"
         )
     return path
 

@@ -135,6 +135,8 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.integration)
         if TESTS / "upstream" in parents:
             item.add_marker(pytest.mark.testsuite)
+        if TESTS / "pr" in parents:
+            item.add_marker(pytest.mark.pr_build)
 
 
 @pytest.hookimpl(wrapper=True)
@@ -173,6 +175,12 @@ def install() -> Path:
 @pytest.fixture(scope="session")
 def upstream_install() -> Path:
     return _install("upstream")
+
+
+@pytest.fixture(scope="session")
+def pr_install() -> Path:
+    """Master with the pull requests up to 14b (the mode as submitted upstream)."""
+    return _install("pr")
 
 
 @pytest.fixture(scope="session")

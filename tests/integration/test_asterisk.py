@@ -81,6 +81,9 @@ def test_missing_build_names_the_make_target(
     monkeypatch.setenv("ASTERISK_UPSTREAM_PREFIX", str(tmp_path))
     with pytest.raises(AsteriskError, match="make asterisk-upstream"):
         find_install("upstream")
+    monkeypatch.setenv("ASTERISK_PR_PREFIX", str(tmp_path))
+    with pytest.raises(AsteriskError, match="make asterisk-pr PR=ignored-input-errors"):
+        find_install("pr")
 
 
 async def test_unused_port_helper_gives_distinct_ports() -> None:
