@@ -133,6 +133,39 @@ async def test_marks_without_the_mode_are_not_limited(rig: Rig) -> None:
     assert not s.named("ERROR")
 
 
+@pytest.mark.parametrize("fmt", list(ControlFormat), ids=lambda f: f.value)
+async def test_without_the_mode_ignored_input_is_only_logged(
+    local_rig: Rig, fmt: ControlFormat
+) -> None:
+    """Patch 14b is the mode's: an app that never opted in gets no ERROR for
+    input upstream only logs (an unknown command, a JSON command without
+    "command", an empty or oversized TEXT message), and Asterisk logs a
+    warning for each, as upstream does."""
+    texts = ["", "X" * 200]
+    if fmt is ControlFormat.JSON:
+        texts += ['{"command":"NOPE"}', '{"id":"no-command"}']
+    else:
+        texts.append("NOPE")
+    asterisk = local_rig.asterisk
+    assert asterisk is not None
+    start = asterisk.log_offset()
+    async with local_rig.call(control_format=fmt) as call:
+        s = call.session
+        for text in texts:
+            await s.send_text(text)
+        await s.command("MARK_MEDIA", "after")
+        await s.wait_mark("after")
+    assert not s.named("ERROR")
+    await asyncio.sleep(0.2)
+    log, _ = asterisk.log_since(start)
+    assert log.count("WARNING") >= len(texts), log[-2000:]
+    assert "TEXT message has 0 length" in log
+    assert "exceeds maximum length" in log
+    assert "Unknown command 'NOPE'" in log
+    if fmt is ControlFormat.JSON:
+        assert "JSON command has no 'command' string" in log
+
+
 async def test_empty_text_message(rig: Rig) -> None:
     async with rig.call() as call:
         await still_works(call.session, "before")

@@ -214,6 +214,7 @@ async def test_partial_frame_is_played_before_its_mark(rig: Rig, fmt: ControlFor
     sent = audio.tagged_frames(0, 10) + audio.tagged_frame(10, 50)
     async with rig.call(control_format=fmt) as call:
         s = call.session
+        assert await s.probe_marks()  # in the mode before the audio: its end is kept
         await s.send_audio(sent)
         await s.command("MARK", "after-partial")
         mark = await s.wait_mark("after-partial")
@@ -242,6 +243,7 @@ async def test_with_ptime_a_short_frame_waits_in_the_smoother(rig: Rig) -> None:
     later = audio.tagged_frames(20, 10)
     async with rig.call(ptime=20) as call:
         s = call.session
+        assert await s.probe_marks()
         await s.send_audio(first)
         await s.command("MARK", "after-partial")
         mark = await s.wait_mark("after-partial")
@@ -306,12 +308,57 @@ async def test_unaligned_messages_lose_no_byte(rig: Rig, fmt: ControlFormat) -> 
     sent = audio.tagged_frames(0, 32)  # 5120 bytes = 5 messages of 1024
     async with rig.call(control_format=fmt) as call:
         s = call.session
+        assert await s.probe_marks()  # without the mode each message's end is dropped
         for i in range(0, len(sent), 1024):
             await s.send_audio(sent[i : i + 1024])
         await s.command("MARK", "end")
         await s.wait_mark("end")
         await asyncio.sleep(0.1)
     assert analysis.delivered_bytes(call.packets) == sent
+
+
+async def test_without_the_mode_a_message_end_is_dropped_as_upstream(rig: Rig) -> None:
+    """An app that never opted in keeps upstream's contract: the partial frame at
+    the end of a message that is neither buffered nor a piece of a fragmented
+    one is dropped, and the next message starts a frame of its own (in the mode,
+    test_unaligned_messages_lose_no_byte: it is kept)."""
+    first = audio.tagged_frames(0, 10) + audio.tagged_frame(10, 50)
+    second = audio.tagged_frames(20, 10)
+    async with rig.call() as call:
+        s = call.session
+        await s.send_audio(first)
+        await s.send_audio(second)
+        await s.command("MARK_MEDIA", "end")
+        await s.wait_mark("end")
+        await asyncio.sleep(0.1)
+    assert not s.named("ERROR")
+    payloads = [p.payload for p in call.packets]
+    assert payloads == analysis.split_frames(first)[:10] + analysis.split_frames(second)
+
+
+async def test_a_partial_frame_held_at_stop_buffering_does_not_shift_what_follows(
+    rig: Rig,
+) -> None:
+    """Without the mode: 10.5 frames buffered, STOP_MEDIA_BUFFERING, then whole
+    frames one message each, sent while the 10 frames still play. The half frame
+    held at the stop goes out as a frame of its own, as upstream queues it, and
+    every later frame whole (a review found the half frame joined to the next
+    message instead, shifting it and every message after it, each losing its
+    last half frame)."""
+    first = audio.tagged_frames(0, 10) + audio.tagged_frame(10, 80)
+    later = [audio.tagged_frame(20 + k) for k in range(5)]
+    async with rig.call() as call:
+        s = call.session
+        await s.command("START_MEDIA_BUFFERING")
+        await s.send_audio(first)
+        await s.command("STOP_MEDIA_BUFFERING", "b")
+        for frame in later:
+            await s.send_audio(frame)
+        await s.command("MARK_MEDIA", "end")
+        await s.wait_mark("end")
+        await asyncio.sleep(0.1)
+    payloads = [p.payload for p in call.packets]
+    assert payloads == analysis.split_frames(first) + later
 
 
 async def test_full_queue_drop_is_reported(rig: Rig, fmt: ControlFormat) -> None:
@@ -634,6 +681,7 @@ async def test_signed_linear_split_at_odd_bytes_keeps_positions_and_alignment(
     slin = audio.ulaw_to_slin(ulaw)
     async with rig.call(codec="slin") as call:
         s = call.session
+        assert await s.probe_marks()
         for piece in (slin[:1], slin[1:2], slin[2:3]):  # half, whole, half a sample
             await s.send_audio(piece)
             await asyncio.sleep(0.1)  # the queue runs dry: whole samples play

@@ -209,6 +209,7 @@ async def test_partial_frame_is_played_to_the_byte_before_its_mark(
     more = audio.tagged_frames(11, 5)
     async with rig.call(control_format=fmt, topology=topology) as call:
         s = call.session
+        assert await s.probe_marks()  # in the mode before the audio: its end is kept
         await s.send_audio(first)
         await s.command("MARK", "after-partial")
         mark = await s.wait_mark("after-partial")
@@ -254,6 +255,7 @@ async def test_unaligned_messages_lose_no_byte(
     marks: list[tuple[str, int]] = []
     async with rig.call(control_format=fmt, topology=topology) as call:
         s = call.session
+        assert await s.probe_marks()  # without the mode each message's end is dropped
         offset = 0
         for k, size in enumerate(sizes):
             await s.send_audio(sent[offset : offset + size])
