@@ -85,6 +85,10 @@ class SessionClosed(MediaSessionError):
     """The connection closed (the call ended) first."""
 
 
+# The ERROR of a driver whose mark positions mode is JSON only, asked under plain text.
+JSON_ONLY_MODE = "REPORT_MARK_POSITIONS only supports JSON"
+
+
 class DriverError(MediaSessionError):
     """Asterisk refused a command: its ``ERROR`` event's text."""
 
@@ -628,6 +632,13 @@ class MediaSession:
                     "astmarks: mark positions mode: MARK_MEDIA is answered in the tick "
                     "that hands its audio over, with positions"
                 )
+            elif any(str(e).startswith(JSON_ONLY_MODE) for e in self.errors):
+                # A driver whose mode is JSON only (upstream's form of it).
+                log.warning(
+                    "astmarks: this Asterisk offers mark positions mode in the JSON control "
+                    "message format only (dial with f(json)): MARK_MEDIA is acknowledged one "
+                    "ptime late, without positions, and positions come from a clock"
+                )
             else:
                 log.warning(
                     "astmarks: this Asterisk's chan_websocket has no mark positions mode: "
@@ -740,7 +751,9 @@ class MediaSession:
         """Send media. While Asterisk says its queue is nearly full
         (``MEDIA_XOFF``), wait for ``MEDIA_XON`` first. More than fits in one
         WebSocket message Asterisk accepts (:data:`MAX_MESSAGE`) goes in
-        several, split at frame boundaries."""
+        several, split at frame boundaries. Await :meth:`started` before the
+        first audio, so that the mode is on: before it, Asterisk drops the end
+        of a message that is not a whole number of frames."""
         if self._xoff and self.flow_control:
             await self._wait(self._until(lambda: not self._xoff), timeout, "MEDIA_XON")
         frame = self.capabilities.optimal_frame_size if self.capabilities is not None else 160
