@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 BUILD := scripts/asterisk-build.sh
 PYTEST_ARGS ?=
 
-.PHONY: all setup asterisk asterisk-upstream asterisk-master asterisk-pr test-pr check-patches devcheck demo test \
+.PHONY: all setup asterisk asterisk-upstream asterisk-master asterisk-pr asterisk-pr-form test-pr check-patches devcheck demo test \
 	unit lint test-asan fuzz soak upstream-testsuite bench clean distclean help docker-check docker-engine \
 	docker-base docker-build docker-test docker-up dist docs
 
@@ -26,6 +26,8 @@ help:
 	@echo "make asterisk-pr      build master with one pull request (PR=mark-played) and what"
 	@echo "                      it names in asterisk-patch/pull-requests, into build/pr/<PR>/;"
 	@echo "                      make test-pr: the real-call tests against it"
+	@echo "make asterisk-pr-form the mode as submitted (PR=ignored-input-errors: up to 14b,"
+	@echo "                      JSON only); make test runs tests/pr against it"
 	@echo "make check-patches    check that asterisk-patch/series applies, without building"
 	@echo "                      (TREE=/path/to/asterisk or SNAPSHOT=file.tar.xz: to that source)"
 	@echo "make devcheck         compile chan_websocket.c with dev-mode flags (-Werror), and"
@@ -99,6 +101,12 @@ asterisk-pr: asterisk-master
 	@$(MASTER_ENV) $(BUILD) pr-series $(PR) $(CURDIR)/build/pr/$(PR)/patches
 	@$(PR_ENV) $(BUILD) build
 
+# The mark positions mode as it would be submitted upstream: master with the
+# pull requests up to 14b (JSON only, without 15 and 16). tests/pr makes real
+# calls on it; make test builds it.
+asterisk-pr-form:
+	@$(MAKE) --no-print-directory asterisk-pr PR=ignored-input-errors
+
 test-pr: asterisk-pr
 	@ASTERISK_PREFIX=$(CURDIR)/build/pr/$(PR)/asterisk \
 		ASTERISK_UPSTREAM_PREFIX=$(CURDIR)/build/master/asterisk-upstream \
@@ -135,14 +143,23 @@ unit: setup
 	@$(PY) -m pytest -m "not integration and not testsuite" $(PYTEST_ARGS)
 
 # Everything against 22.10.1 (build/asterisk*), then the real-call suite
-# again against master (build/master/*), each build with its own series.
-test: asterisk asterisk-upstream asterisk-master devcheck lint
+# again against master (build/master/*), each build with its own series. The
+# time each part took is printed at the end (and kept in build/test-times.tsv).
+TEST_TIMES = build/test-times.tsv
+TIMED = scripts/timed.sh $(TEST_TIMES)
+test: setup
+	@mkdir -p build && : >$(TEST_TIMES)
+	@$(TIMED) "builds (22.10.1, master, the mode as submitted)" \
+		$(MAKE) --no-print-directory asterisk asterisk-upstream asterisk-master asterisk-pr-form
+	@$(TIMED) "devcheck (-Werror, each pull request)" $(MAKE) --no-print-directory devcheck
+	@$(TIMED) "lint (ruff, mypy)" $(MAKE) --no-print-directory lint
 	@echo "test $$(date -u +%T): every test, Asterisk 22.10.1 with asterisk-patch/22.10"
-	@$(PY) -m pytest $(PYTEST_ARGS)
+	@$(TIMED) "22.10.1: every test" $(PY) -m pytest $(PYTEST_ARGS)
 	@echo "test $$(date -u +%T): the real-call tests, upstream master with asterisk-patch"
-	@ASTERISK_PREFIX=$(CURDIR)/build/master/asterisk \
+	@$(TIMED) "master: the real-call tests" env ASTERISK_PREFIX=$(CURDIR)/build/master/asterisk \
 		ASTERISK_UPSTREAM_PREFIX=$(CURDIR)/build/master/asterisk-upstream \
 		$(PY) -m pytest -m integration -p no:cacheprovider $(PYTEST_ARGS)
+	@$(TIMED) done
 
 # Upstream's testsuite (asterisk/testsuite, the pinned snapshot beside the
 # checkout): its chan_websocket tests and ours (asterisk-patch/testsuite)
