@@ -247,14 +247,19 @@ docker-build: setup docker-base
 # topology, library and example tests start Asterisks of their own on the
 # runner: make test runs them on both builds, and here they would add
 # minutes for no new service.
+# Inside compose: what compose adds (the services, ARI, faults through the
+# engine) and a representative set of the real-call tests through the
+# containers (calls, every mark behaviour, the strict client, the services).
+# The rest of tests/integration (bad input, hostile bots, the fuzzer, the
+# benchmark's quick runs, the soak, the CLI) make test runs on both builds.
+COMPOSE_TESTS = tests/compose tests/integration/test_call.py tests/integration/test_marks.py \
+	tests/integration/test_strict_client.py tests/integration/test_services.py
 docker-test: docker-check docker-build
 	@mkdir -p logs; rc=0; \
 	$(COMPOSE_TEST) --profile test down --volumes --remove-orphans >/dev/null 2>&1; \
 	echo "docker-test $$(date -u +%T): the tests inside compose (tests/integration, tests/compose)"; \
 	$(COMPOSE_TEST) run --rm --use-aliases tests python -m pytest -p no:cacheprovider \
-		tests/integration tests/compose --ignore=tests/integration/test_topologies.py \
-		--ignore=tests/integration/test_library.py --ignore=tests/integration/test_examples.py \
-		$(PYTEST_ARGS) || rc=$$?; \
+		$(COMPOSE_TESTS) $(PYTEST_ARGS) || rc=$$?; \
 	$(COMPOSE_TEST) --profile test logs --no-color --timestamps asterisk bot \
 		> logs/docker-test-services.log 2>&1; \
 	$(COMPOSE_TEST) --profile test down --volumes --remove-orphans >/dev/null 2>&1; \
