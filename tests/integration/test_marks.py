@@ -361,6 +361,29 @@ async def test_a_partial_frame_held_at_stop_buffering_does_not_shift_what_follow
     assert payloads == analysis.split_frames(first) + later
 
 
+async def test_a_partial_frame_held_at_stop_buffering_goes_before_a_fragmented_message(
+    rig: Rig,
+) -> None:
+    """As above, but what follows the stop is one message of 20 frames sent as
+    two fragments of 1600 bytes (each handed over as a piece of its own): the
+    half frame still goes out alone first, and no byte of the message is lost
+    (a second review found the half frame joined to the first piece, and the
+    message's last half frame dropped)."""
+    first = audio.tagged_frames(0, 10) + audio.tagged_frame(10, 80)
+    later = audio.tagged_frames(20, 20)
+    async with rig.call() as call:
+        s = call.session
+        await s.command("START_MEDIA_BUFFERING")
+        await s.send_audio(first)
+        await s.command("STOP_MEDIA_BUFFERING", "b")
+        await s.connection.send([later[:1600], later[1600:]])
+        await s.command("MARK_MEDIA", "end")
+        await s.wait_mark("end")
+        await asyncio.sleep(0.1)
+    payloads = [p.payload for p in call.packets]
+    assert payloads == analysis.split_frames(first) + analysis.split_frames(later)
+
+
 async def test_full_queue_drop_is_reported(rig: Rig, fmt: ControlFormat) -> None:
     async with rig.call(control_format=fmt) as call:
         s = call.session
