@@ -257,7 +257,7 @@ COMPOSE_TESTS = tests/compose tests/integration/test_call.py tests/integration/t
 docker-test: docker-check docker-build
 	@mkdir -p logs; rc=0; \
 	$(COMPOSE_TEST) --profile test down --volumes --remove-orphans >/dev/null 2>&1; \
-	echo "docker-test $$(date -u +%T): the tests inside compose (tests/integration, tests/compose)"; \
+	echo "docker-test $$(date -u +%T): the tests inside compose (tests/compose and a representative set of tests/integration)"; \
 	$(COMPOSE_TEST) run --rm --use-aliases tests python -m pytest -p no:cacheprovider \
 		$(COMPOSE_TESTS) $(PYTEST_ARGS) || rc=$$?; \
 	$(COMPOSE_TEST) --profile test logs --no-color --timestamps asterisk bot \
