@@ -241,17 +241,14 @@ docker-build: setup docker-base
 	@$(COMPOSE) --profile test build
 	@echo "docker-build $$(date -u +%T): built"; docker image ls --format '  {{.Repository}}:{{.Tag}} {{.Size}}' 'asterisk-marks*'
 
-# The integration tests and the compose-only tests (ARI, faults through the
-# engine) inside compose, then, on this host, what the README tells a person
-# to do (compose up, a call from a SIP phone here). Logs in logs/. The
-# topology, library and example tests start Asterisks of their own on the
-# runner: make test runs them on both builds, and here they would add
-# minutes for no new service.
 # Inside compose: what compose adds (the services, ARI, faults through the
 # engine) and a representative set of the real-call tests through the
-# containers (calls, every mark behaviour, the strict client, the services).
-# The rest of tests/integration (bad input, hostile bots, the fuzzer, the
-# benchmark's quick runs, the soak, the CLI) make test runs on both builds.
+# containers (calls, every mark behaviour, the strict client, the services);
+# then, on this host, what the README tells a person to do (compose up, a
+# call from a SIP phone here). Logs in logs/. The rest of tests/integration
+# (bad input, hostile bots, the fuzzer, the benchmark's quick runs, the soak,
+# the CLI, the topologies, the library, the examples) make test runs on both
+# builds, and here it would add minutes for no new service.
 COMPOSE_TESTS = tests/compose tests/integration/test_call.py tests/integration/test_marks.py \
 	tests/integration/test_strict_client.py tests/integration/test_services.py
 docker-test: docker-check docker-build
