@@ -35,21 +35,31 @@ ARI_USER = "harness"
 
 #: Where the Makefile links the builds, relative to the checkout.
 REPO_ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_INSTALLS = {
-    "patched": REPO_ROOT / "build" / "asterisk",
-    "upstream": REPO_ROOT / "build" / "asterisk-upstream",
-    # Master with the pull requests up to 14b: the mode as submitted upstream.
-    "pr": REPO_ROOT / "build" / "pr" / "ignored-input-errors" / "asterisk",
-}
-PREFIX_VARIABLES = {
-    "patched": "ASTERISK_PREFIX",
-    "upstream": "ASTERISK_UPSTREAM_PREFIX",
-    "pr": "ASTERISK_PR_PREFIX",
-}
-MAKE_TARGETS = {
-    "patched": "asterisk",
-    "upstream": "asterisk-upstream",
-    "pr": "asterisk-pr PR=ignored-input-errors",
+#: The pull request whose build is the mode as submitted upstream (master
+#: with the pull requests up to 14b): ``make asterisk-pr-form``.
+PR_FORM = "ignored-input-errors"
+
+
+@dataclasses.dataclass(frozen=True)
+class Build:
+    """Where a flavour of build is installed, the variable that moves it, and
+    the make target that makes it."""
+
+    default: Path
+    variable: str
+    target: str
+
+
+BUILDS = {
+    "patched": Build(REPO_ROOT / "build" / "asterisk", "ASTERISK_PREFIX", "asterisk"),
+    "upstream": Build(
+        REPO_ROOT / "build" / "asterisk-upstream", "ASTERISK_UPSTREAM_PREFIX", "asterisk-upstream"
+    ),
+    "pr": Build(
+        REPO_ROOT / "build" / "pr" / PR_FORM / "asterisk",
+        "ASTERISK_PR_PREFIX",
+        f"asterisk-pr PR={PR_FORM}",
+    ),
 }
 
 
@@ -59,13 +69,13 @@ class AsteriskError(RuntimeError):
 
 def find_install(flavour: str = "patched") -> Path:
     """The install prefix of a build: ``$ASTERISK_PREFIX`` or ``build/<name>``."""
-    env = os.environ.get(PREFIX_VARIABLES[flavour])
-    path = Path(env) if env else DEFAULT_INSTALLS[flavour]
+    build = BUILDS[flavour]
+    env = os.environ.get(build.variable)
+    path = Path(env) if env else build.default
     binary = path / "sbin" / "asterisk"
     if not binary.exists():
         raise AsteriskError(
-            f"no Asterisk build at {path} ({binary} is missing): "
-            f"run 'make {MAKE_TARGETS[flavour]}' first"
+            f"no Asterisk build at {path} ({binary} is missing): run 'make {build.target}' first"
         )
     return path
 
