@@ -336,39 +336,17 @@ async def test_without_the_mode_a_message_end_is_dropped_as_upstream(rig: Rig) -
     assert payloads == analysis.split_frames(first)[:10] + analysis.split_frames(second)
 
 
+@pytest.mark.parametrize("fragmented", [False, True], ids=["whole-messages", "fragmented"])
 async def test_a_partial_frame_held_at_stop_buffering_does_not_shift_what_follows(
-    rig: Rig,
+    rig: Rig, fragmented: bool
 ) -> None:
-    """Without the mode: 10.5 frames buffered, STOP_MEDIA_BUFFERING, then whole
-    frames one message each, sent while the 10 frames still play. The half frame
-    held at the stop goes out as a frame of its own, as upstream queues it, and
-    every later frame whole (a review found the half frame joined to the next
-    message instead, shifting it and every message after it, each losing its
-    last half frame)."""
-    first = audio.tagged_frames(0, 10) + audio.tagged_frame(10, 80)
-    later = [audio.tagged_frame(20 + k) for k in range(5)]
-    async with rig.call() as call:
-        s = call.session
-        await s.command("START_MEDIA_BUFFERING")
-        await s.send_audio(first)
-        await s.command("STOP_MEDIA_BUFFERING", "b")
-        for frame in later:
-            await s.send_audio(frame)
-        await s.command("MARK_MEDIA", "end")
-        await s.wait_mark("end")
-        await asyncio.sleep(0.1)
-    payloads = [p.payload for p in call.packets]
-    assert payloads == analysis.split_frames(first) + later
-
-
-async def test_a_partial_frame_held_at_stop_buffering_goes_before_a_fragmented_message(
-    rig: Rig,
-) -> None:
-    """As above, but what follows the stop is one message of 20 frames sent as
-    two fragments of 1600 bytes (each handed over as a piece of its own): the
-    half frame still goes out alone first, and no byte of the message is lost
-    (a second review found the half frame joined to the first piece, and the
-    message's last half frame dropped)."""
+    """Without the mode: 10.5 frames buffered, STOP_MEDIA_BUFFERING, then 20
+    frames sent while the 10 still play, one message a frame, or one message in
+    two fragments of 1600 bytes (each handed over as a piece of its own). The
+    half frame held at the stop goes out as a frame of its own, as upstream
+    queues it, and every later frame whole (reviews found the half frame joined
+    to the next message, or to its first piece, which then lost its last half
+    frame, each message after it shifted)."""
     first = audio.tagged_frames(0, 10) + audio.tagged_frame(10, 80)
     later = audio.tagged_frames(20, 20)
     async with rig.call() as call:
@@ -376,7 +354,11 @@ async def test_a_partial_frame_held_at_stop_buffering_goes_before_a_fragmented_m
         await s.command("START_MEDIA_BUFFERING")
         await s.send_audio(first)
         await s.command("STOP_MEDIA_BUFFERING", "b")
-        await s.connection.send([later[:1600], later[1600:]])
+        if fragmented:
+            await s.connection.send([later[:1600], later[1600:]])
+        else:
+            for frame in analysis.split_frames(later):
+                await s.send_audio(frame)
         await s.command("MARK_MEDIA", "end")
         await s.wait_mark("end")
         await asyncio.sleep(0.1)
